@@ -1,0 +1,262 @@
+"""One trial: build the dataset and the model, train with AdamW (warm-up + cosine), evaluate every k steps.
+
+Metrics reach the outside world only through `on_eval(metrics)` — the tuner hooks Ray Tune and MLflow onto
+it — so this module imports torch and the core alone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
+
+import torch
+
+from .config import SSAConfig
+from .errors import TrialFailed
+from .model import GPT, GPTConfig
+from .optim import parameter_groups
+from .stats import attention_stats, flat_stats
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 300
+    max_tokens: int | None = None  # a budget in tokens instead of steps (wins when set)
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_every: int = 50
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch threads; None = leave as is
+    latency_tokens: int = 16  # tokens decoded to measure inference latency at the end
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
+        for name in ("warmup_steps", "seed", "latency_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}: must be an integer >= 0, got {v!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens: must be null or an integer >= 1, got {self.max_tokens!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads: must be null or an integer >= 1, got {self.threads!r}")
+        for name in ("lr", "grad_clip"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
+                raise ValueError(f"{name}: must be a number > 0, got {v!r}")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be a number >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.min_lr_frac, (int, float)) or not 0 <= self.min_lr_frac <= 1:
+            raise ValueError(f"min_lr_frac: must be in [0, 1], got {self.min_lr_frac!r}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise ValueError(f"{name}: must be in [0, 1), got {v!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+            raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown train field (known: {', '.join(sorted(known))})")
+        return cls(**data)
+
+
+@dataclass
+class TrialResult:
+    metrics: dict[str, float]  # the last evaluation, plus the end-of-trial measurements
+    history: list[dict[str, float]]
+    steps: int
+    seconds: float
+    n_params: int
+    ssa_params: int
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_frac * lr at the last step."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_frac
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrialFailed(f"device: {name} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux: process peak RSS
+
+
+@torch.no_grad()
+def evaluate(model: GPT, dataset, split: str, batch_size: int, device: torch.device, amp) -> dict[str, float]:
+    model.eval()
+    loss_sum, count, acc_sum, acc_n = 0.0, 0, 0.0, 0
+    for x, y in dataset.eval_batches(split, batch_size):
+        x, y = x.to(device), y.to(device)
+        with amp():
+            logits, _ = model(x)
+        logits = logits.float()
+        mask = y != -100
+        loss_sum += torch.nn.functional.cross_entropy(logits[mask], y[mask], reduction="sum").item()
+        count += int(mask.sum())
+        acc = dataset.accuracy(logits, y)
+        if acc is not None:
+            acc_sum += acc.float().sum().item()
+            acc_n += acc.numel()
+    out = {f"{split}_loss": loss_sum / max(count, 1)}
+    out[f"{split}_ppl"] = math.exp(min(out[f"{split}_loss"], 50.0))
+    if acc_n:
+        out[f"{split}_acc"] = acc_sum / acc_n
+    if dataset.optimal_loss is not None:
+        out[f"{split}_gap"] = out[f"{split}_loss"] - dataset.optimal_loss
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def probe_accuracy(model: GPT, dataset, device: torch.device, amp) -> dict[str, float]:
+    probes = dataset.probes()
+    if not probes:
+        return {}
+    model.eval()
+    out = {}
+    for name, (x, y) in probes.items():
+        with amp():
+            logits, _ = model(x.to(device))
+        out[f"probe.{name}"] = dataset.accuracy(logits.float(), y.to(device)).float().mean().item()
+    model.train()
+    out["passkey_acc"] = sum(out.values()) / len(out)
+    return out
+
+
+@torch.no_grad()
+def decode_latency_ms(model: GPT, dataset, device: torch.device, n_tokens: int) -> float:
+    """Milliseconds per generated token with the KV cache, prompt = half a validation sequence."""
+    if n_tokens == 0:
+        return float("nan")
+    x, _ = dataset.eval_batches("val", 1)[0]
+    prompt_len = max(1, min(x.shape[1] // 2, model.config.seq_len - n_tokens))
+    prompt = x[:1, :prompt_len].to(device)
+    model.eval()
+    model.generate(prompt, 2, temperature=0)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    model.generate(prompt, n_tokens, temperature=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    model.train()
+    return 1000.0 * (time.perf_counter() - t0) / n_tokens
+
+
+def train(dataset, model_cfg: GPTConfig, cfg: TrainConfig, ssa: SSAConfig | None = None,
+          on_eval: Callable[[dict[str, float]], None] | None = None) -> TrialResult:
+    """Train one model on `dataset` (an `ssa_tune.data.Dataset`); call `on_eval(metrics)` at each evaluation.
+
+    Raises TrialFailed on a NaN/inf loss or when the device runs out of memory.
+    """
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if model_cfg.seq_len < dataset.seq_len:
+        raise ValueError(f"seq_len: the model's seq_len {model_cfg.seq_len} is shorter than the dataset's {dataset.seq_len}")
+    if model_cfg.vocab_size < dataset.vocab_size:
+        model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), "vocab_size": dataset.vocab_size})
+    model = GPT(model_cfg, ssa).to(device)
+    n_params = model.num_params()
+    ssa_params = sum(p.numel() for n, p in model.named_parameters() if ".temps." in n)
+    groups = parameter_groups(model, cfg.lr, cfg.weight_decay)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+    else:
+        import contextlib
+
+        amp = contextlib.nullcontext
+    gen = torch.Generator().manual_seed(cfg.seed)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * dataset.seq_len
+    total = cfg.max_steps if cfg.max_tokens is None else max(1, math.ceil(cfg.max_tokens / tokens_per_step))
+    history: list[dict[str, float]] = []
+    train_time, tokens, t_start = 0.0, 0, time.perf_counter()
+    last_loss = float("nan")
+    metrics: dict[str, float] = {}
+    model.train()
+    try:
+        for step in range(1, total + 1):
+            t0 = time.perf_counter()
+            lr = lr_at(step - 1, cfg, total)
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_mult"]
+            loss_acc = 0.0
+            for _ in range(cfg.grad_accum):
+                x, y = dataset.train_batch(cfg.batch_size, gen)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with amp():
+                    _, loss = model(x, y)
+                    aux = model.aux_loss()
+                total_loss = loss if aux is None else loss + aux
+                if not torch.isfinite(total_loss):
+                    raise TrialFailed(f"diverged: loss is {total_loss.item()} at step {step}", step)
+                (total_loss / cfg.grad_accum).backward()
+                loss_acc += loss.item() / cfg.grad_accum
+                tokens += x.numel()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            last_loss = loss_acc
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time += time.perf_counter() - t0
+            if step % cfg.eval_every == 0 or step == total:
+                metrics = {"step": step, "train_loss": last_loss, "lr": lr, "tokens": tokens,
+                           "tokens_per_s": tokens / max(train_time, 1e-9), "train_seconds": train_time}
+                metrics.update(evaluate(model, dataset, "val", cfg.batch_size, device, amp))
+                if not math.isfinite(metrics["val_loss"]):
+                    raise TrialFailed(f"diverged: val_loss is {metrics['val_loss']} at step {step}", step)
+                metrics.update(probe_accuracy(model, dataset, device, amp))
+                if model.ssa is not None:
+                    x, _ = dataset.eval_batches("val", cfg.batch_size)[0]
+                    metrics.update(flat_stats(attention_stats(model, x.to(device))))
+                if step == total:  # end-of-trial measurements: held-out test split, decode latency
+                    metrics.update(evaluate(model, dataset, "test", cfg.batch_size, device, amp))
+                    metrics["latency_ms_per_token"] = decode_latency_ms(model, dataset, device, cfg.latency_tokens)
+                metrics["peak_mem_mb"] = _peak_memory_mb(device)
+                metrics["seconds"] = time.perf_counter() - t_start
+                history.append(metrics)
+                if on_eval is not None:
+                    on_eval(dict(metrics))
+    except torch.OutOfMemoryError as e:
+        raise TrialFailed(f"out of memory: {str(e).splitlines()[0] if str(e) else 'device memory exhausted'}") from None
+    return TrialResult(metrics=metrics, history=history, steps=total, seconds=time.perf_counter() - t_start,
+                       n_params=n_params, ssa_params=ssa_params)
