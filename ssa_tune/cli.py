@@ -1,0 +1,305 @@
+"""`ssa-tune`: the command line. User errors are caught here, once, and printed as one line with exit 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Tune Selective Self-Attention (SSA) per dataset: Optuna search, Ray Tune trials, MLflow tracking.")
+
+Workdir = Annotated[Optional[str], typer.Option("--workdir", help="Work dir (default ./.ssa_tune or $SSA_TUNE_HOME).")]
+Storage = Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (SQLAlchemy).")]
+Tracking = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
+
+
+def _edge(fn):
+    """Turn a UserError (or a config ValueError raised at the edge) into `error: ...`, exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e.line()}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _target(spec=None, workdir=None, storage=None, tracking=None, study=None):
+    from .tune import resolve_target
+
+    return resolve_target(getattr(spec, "storage", None), getattr(spec, "tracking", None), workdir, storage,
+                          tracking, study)
+
+
+def _open(study: str | None, workdir, storage, tracking):
+    """The study named (or the only one in the storage) and its target."""
+    import optuna
+
+    from . import study as st
+
+    target = _target(None, workdir, storage, tracking, study)
+    st.check_storage(target.storage)
+    s = st.open_storage(target.storage, create=False)
+    if not study:
+        names = [x.study_name for x in optuna.get_all_study_summaries(s)]
+        if len(names) != 1:
+            raise UserError(f"name a study ({', '.join(names) if names else 'no studies here'})", field="STUDY")
+        study = names[0]
+    loaded = st.load_study(s, study)
+    tracking_attr = loaded.user_attrs.get(st.ATTR_TRACKING)
+    if tracking is None and tracking_attr:
+        target.tracking = tracking_attr
+    target.study = study
+    return loaded, target
+
+
+@app.command()
+@_edge
+def validate(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+             set_: Annotated[Optional[list[str]], typer.Option("--set", help="dotted.key=value override")] = None):
+    """Check a job spec; print a one-line summary."""
+    from .spec import load_spec
+    from .study import searched_params
+
+    s = load_spec(spec, set_)
+    names = [p.name for p in searched_params(s)]
+    typer.echo(f"ok: {spec}: study {s.name}, dataset {s.dataset['kind']}, {s.n_trials} trials, "
+               f"{len(names)} searched parameters ({', '.join(names) or 'none'})")
+
+
+@app.command()
+@_edge
+def train(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+          set_: Annotated[Optional[list[str]], typer.Option("--set", help="dotted.key=value (e.g. train.lr=1e-3)")] = None,
+          as_json: AsJson = False,
+          cpus: Annotated[float, typer.Option(help="CPU threads for the trial.")] = float(os.cpu_count() or 1)):
+    """Train one configuration of a spec with fixed values (no tuning) and print its metrics."""
+    from .errors import TrialFailed
+    from .spec import load_spec
+    from .trial import execute
+
+    s = load_spec(spec, set_)
+
+    def report(m):
+        line = f"step {int(m['step']):>6}  val_loss {m['val_loss']:.4f}  train_loss {m['train_loss']:.4f}  " \
+               f"tok/s {m['tokens_per_s']:.0f}" + (f"  acc {m['val_acc']:.3f}" if "val_acc" in m else "")
+        typer.echo(line, err=as_json)
+
+    try:
+        result = execute(s, {}, cpus, 0.0, report)
+    except TrialFailed as e:
+        typer.echo(f"error: {s.path}: trial failed: {e.reason}", err=True)
+        raise typer.Exit(1)
+    out = {**result.metrics, "steps": result.steps, "seconds": result.seconds, "n_params": result.n_params,
+           "ssa_params": result.ssa_params}
+    if as_json:
+        typer.echo(json.dumps(out, default=_json_default))
+    else:
+        for k in ("val_loss", "val_acc", "val_gap", "passkey_acc", "test_loss", "tokens_per_s", "latency_ms_per_token",
+                  "peak_mem_mb", "steps", "seconds"):
+            if k in out:
+                typer.echo(f"{k:>22}: {out[k]:.4f}" if isinstance(out[k], float) else f"{k:>22}: {out[k]}")
+
+
+def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
+    from .tune import run_study
+
+    say = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
+    summary = run_study(s, target, resume=resume, n_trials=trials, address=address, out=say)
+    if as_json:
+        _print_json(summary)
+        return
+    best = summary["best"]
+    c = summary["trials"]
+    typer.echo(f"\nstudy {summary['study']}: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed")
+    if best:
+        typer.echo(f"best trial #{best['number']}: {s.objectives[0].metric} = {best['value']}")
+        for k, v in best["params"].items():
+            typer.echo(f"  {k}: {v}")
+    wd = f" --workdir {target.workdir}" if target.workdir != Path(".ssa_tune").resolve() else ""
+    typer.echo(f"\nexport: ssa-tune export {summary['study']} -o best.yaml{wd}")
+    typer.echo(f"MLflow UI: ssa-tune ui{wd}   (or: mlflow ui --backend-store-uri {target.tracking})")
+
+
+@app.command()
+@_edge
+def run(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+        trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Override budget.n_trials.")] = None,
+        workdir: Workdir = None, study: Annotated[Optional[str], typer.Option("--study", help="Study name.")] = None,
+        storage: Storage = None, tracking_uri: Tracking = None,
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help="dotted.key=value override")] = None,
+        address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address.")] = None,
+        as_json: AsJson = False):
+    """Run a tuning study: Optuna search, trials on Ray Tune, every trial logged to MLflow."""
+    from .spec import load_spec
+
+    s = load_spec(spec, set_)
+    target = _target(s, workdir, storage, tracking_uri, study)
+    _run_or_resume(s, target, False, trials, address, as_json)
+
+
+@app.command()
+@_edge
+def resume(study: Annotated[str, typer.Argument(help="Study name.")], workdir: Workdir = None,
+           storage: Storage = None, tracking_uri: Tracking = None,
+           address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address.")] = None,
+           as_json: AsJson = False):
+    """Continue an interrupted study to its budget (killed trials are marked FAIL and re-run)."""
+    from . import study as st
+    from .spec import validate as validate_spec
+
+    loaded, target = _open(study, workdir, storage, tracking_uri)
+    raw = st.study_spec(loaded)
+    s = validate_spec(raw, loaded.user_attrs.get(st.ATTR_SPEC_PATH, study), check_data=False)
+    _run_or_resume(s, target, True, loaded.user_attrs.get("ssa_tune.n_trials"), address, as_json)
+
+
+@app.command()
+@_edge
+def status(study: Annotated[Optional[str], typer.Argument(help="Study name.")] = None, workdir: Workdir = None,
+           storage: Storage = None, tracking_uri: Tracking = None, as_json: AsJson = False):
+    """Trial counts and the best trial of a study."""
+    from .tune import status as study_status
+
+    loaded, target = _open(study, workdir, storage, tracking_uri)
+    summary = study_status(loaded, target)
+    if as_json:
+        _print_json(summary)
+        return
+    c = summary["trials"]
+    typer.echo(f"study {summary['study']} ({summary['storage']})")
+    typer.echo("  " + ", ".join(f"{v} {k}" for k, v in c.items()) + f" of budget {summary['n_trials']}")
+    if summary["best"]:
+        typer.echo(f"  best #{summary['best']['number']}: {summary['best']['value']}  {summary['best']['params']}")
+
+
+@app.command()
+@_edge
+def best(study: Annotated[str, typer.Argument(help="Study name.")], workdir: Workdir = None,
+         storage: Storage = None, tracking_uri: Tracking = None, as_json: AsJson = False):
+    """The best trial: number, value, params and its last metrics."""
+    from . import study as st
+
+    loaded, target = _open(study, workdir, storage, tracking_uri)
+    t = st.best_trial(loaded)
+    if t is None:
+        raise UserError(f"study {loaded.study_name!r} has no complete trial yet", field="STUDY")
+    metrics = _run_metrics(target.tracking, t.user_attrs.get(st.T_RUN))
+    out = {"number": t.number, "value": t.value if len(t.values) == 1 else t.values, "params": dict(t.params),
+           "metrics": metrics}
+    if as_json:
+        _print_json(out)
+    else:
+        typer.echo(f"best trial #{t.number}: {out['value']}")
+        for k, v in out["params"].items():
+            typer.echo(f"  {k}: {v}")
+
+
+def _run_metrics(tracking: str, run_id: str | None) -> dict:
+    if not run_id:
+        return {}
+    from .track import _client
+
+    try:
+        return dict(_client(tracking).get_run(run_id).data.metrics)
+    except Exception:
+        return {}
+
+
+@app.command()
+@_edge
+def studies(workdir: Workdir = None, storage: Storage = None, as_json: AsJson = False):
+    """List the studies in the storage."""
+    import optuna
+
+    from . import study as st
+
+    target = _target(None, workdir, storage, None, None)
+    st.check_storage(target.storage)
+    s = st.open_storage(target.storage, create=False)
+    rows = []
+    for summ in optuna.get_all_study_summaries(s):
+        rows.append({"study": summ.study_name, "n_trials": summ.n_trials,
+                     "best": None if summ.best_trial is None else summ.best_trial.value})
+    if as_json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            typer.echo(f"{r['study']}\t{r['n_trials']} trials\tbest {r['best']}")
+
+
+@app.command()
+@_edge
+def export(study: Annotated[str, typer.Argument(help="Study name.")],
+           output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
+           fmt: Annotated[Optional[str], typer.Option("--format", help="yaml or json (default: by suffix).")] = None,
+           workdir: Workdir = None, storage: Storage = None, tracking_uri: Tracking = None):
+    """Write the best configuration: its SSAConfig plus the model/training settings and metrics it was measured with."""
+    from .export import export_best
+
+    if fmt is not None and fmt not in ("yaml", "json"):
+        raise UserError(f"must be yaml or json, got {fmt!r}", field="--format")
+    loaded, target = _open(study, workdir, storage, tracking_uri)
+    if fmt is not None and output.suffix.lower() not in (f".{fmt}", ".yml" if fmt == "yaml" else ".json"):
+        output = output.with_suffix(f".{fmt}")
+    path, info = export_best(loaded, target, output)
+    typer.echo(f"wrote {path}: trial #{info['trial']} ({info['winner']}); "
+               f"use: ssa_tune.convert(model, ssa_tune.load_config({str(path)!r}))")
+
+
+@app.command()
+@_edge
+def ui(workdir: Workdir = None, tracking_uri: Tracking = None,
+       port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1.")] = 5000,
+       host: Annotated[str, typer.Option("--host", help="Bind address.")] = "127.0.0.1"):
+    """Start the MLflow UI over the study's tracking store and print its URL."""
+    import subprocess
+
+    target = _target(None, workdir, None, tracking_uri, None)
+    if target.tracking.startswith(("http://", "https://")):
+        typer.echo(f"the tracking server is already a UI: {target.tracking}")
+        return
+    artifacts = target.workdir / "mlartifacts"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", target.tracking,
+           "--default-artifact-root", artifacts.resolve().as_uri(), "--host", host, "--port", str(port),
+           "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    typer.echo(f"MLflow UI: http://{host}:{port}  (Ctrl-C to stop)")
+    try:
+        raise typer.Exit(subprocess.call(cmd, env=env))
+    except KeyboardInterrupt:
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

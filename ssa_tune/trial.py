@@ -1,0 +1,77 @@
+"""What one tuning trial does on a worker: configs from the sampled params, train, stream metrics.
+
+`report` is handed in (Ray Tune's `tune.report` under the tuner, `print` under `ssa-tune train`), so this
+module never imports Ray; MLflow is reached only through `track`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import traceback
+from typing import Any, Callable
+
+from .config import SSAConfig
+from .errors import TrialFailed
+from .spec import SSA_SWITCH, JobSpec
+
+# keys the driver adds to a trial's config next to the sampled params
+KEY_NUMBER, KEY_RUN, KEY_TRIAL_ID = "ssa_tune.trial_number", "ssa_tune.run_id", "ssa_tune.optuna_trial_id"
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(spec_json: str, seed: int):
+    """Reused across trials in one worker process (reuse_actors): text corpora are read once."""
+    from .data import build_dataset
+
+    return build_dataset(json.loads(spec_json), seed=seed)
+
+
+def trial_params(dataset: dict, model, train, ssa: SSAConfig | None) -> dict[str, Any]:
+    """Every setting of a trial as flat dotted params (what MLflow shows and `ssa-tune train --set` takes)."""
+    out: dict[str, Any] = {f"dataset.{k}": v for k, v in dataset.items()}
+    out.update({f"model.{k}": v for k, v in model.to_dict().items()})
+    out.update({f"train.{k}": v for k, v in train.to_dict().items()})
+    out[SSA_SWITCH] = ssa is not None
+    if ssa is not None:
+        out.update({f"ssa.{k}": v for k, v in ssa.to_dict().items()})
+        out["ssa.position_init"] = ssa.beta_init
+    return out
+
+
+def configure(spec: JobSpec, params: dict[str, Any], cpus: float, gpus: float):
+    """The frozen configs of a trial, with threads and device set from its resources."""
+    dataset, model, train, ssa = spec.trial_config(params)
+    device = train.device
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    threads = train.threads or max(1, int(cpus))
+    return dataset, model, dataclasses.replace(train, device=device, threads=threads), ssa
+
+
+def execute(spec: JobSpec, params: dict[str, Any], cpus: float, gpus: float,
+            report: Callable[[dict], None], tracking_uri: str | None = None, run_id: str | None = None):
+    """Train one configuration; every evaluation goes to `report` and, when given, to the MLflow run."""
+    from .train import train
+
+    dataset_spec, model_cfg, train_cfg, ssa = configure(spec, params, cpus, gpus)
+    dataset = _dataset(json.dumps(dataset_spec, sort_keys=True), train_cfg.seed)
+
+    def on_eval(metrics: dict[str, float]) -> None:
+        if run_id is not None:
+            from .track import log_metrics
+
+            log_metrics(tracking_uri, run_id, metrics, step=int(metrics["step"]))
+        report(metrics)
+
+    result = train(dataset, model_cfg, train_cfg, ssa, on_eval=on_eval)
+    return result
+
+
+def failure_reason(e: BaseException) -> str:
+    if isinstance(e, TrialFailed):
+        return e.reason
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" (at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
+    return f"{type(e).__name__}: {e}{where}"

@@ -1,0 +1,353 @@
+"""Running a study: Ray Tune executes the trials of an Optuna study, MLflow mirrors them.
+
+Every Ray call of the project is in this module (Ray's API moves between releases; the version is pinned).
+Early stopping has one owner, the Ray scheduler (ASHA by default); Optuna's own pruner is off, and a trial
+the scheduler stopped is told to Optuna as PRUNED.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import study as st
+from .errors import UserError
+from .spec import JobSpec, validate
+from .trial import KEY_NUMBER, KEY_RUN, KEY_TRIAL_ID, execute, failure_reason, trial_params
+from .track import Tracker, check_tracking, default_tracking
+
+
+@dataclass
+class Target:
+    """Where a study lives."""
+
+    workdir: Path
+    storage: str
+    tracking: str
+    study: str
+
+
+def resolve_target(spec_storage: str | None, spec_tracking: str | None, workdir: str | None, storage: str | None,
+                   tracking: str | None, study: str | None) -> Target:
+    wd = Path(workdir or os.environ.get("SSA_TUNE_HOME") or ".ssa_tune").expanduser().resolve()
+    return Target(workdir=wd, storage=storage or spec_storage or st.default_storage(wd),
+                  tracking=tracking or spec_tracking or default_tracking(wd), study=study or "")
+
+
+# ---------------------------------------------------------------------------------------- the worker
+
+
+def _trainable(config: dict, ctx: dict) -> None:
+    """A Ray Tune function trainable: one Optuna trial."""
+    import ray.tune
+
+    spec = validate(json.loads(ctx["spec"]), ctx["spec_path"], check_data=False)
+    number, run_id = config[KEY_NUMBER], config[KEY_RUN]
+    params = {k: v for k, v in config.items() if not k.startswith("ssa_tune.")}
+    try:
+        execute(spec, params, ctx["cpus"], ctx["gpus"], report=ray.tune.report, tracking_uri=ctx["tracking"],
+                run_id=run_id)
+    except Exception as e:
+        reason = failure_reason(e)
+        # the reason goes to both stores before Ray marks the trial ERROR (-> Optuna FAIL, MLflow FAILED)
+        try:
+            storage = st.open_storage(ctx["storage"])
+            storage.set_trial_user_attr(config[KEY_TRIAL_ID], st.T_REASON, reason)
+        except Exception:
+            pass
+        raise RuntimeError(f"trial {number} failed: {reason}") from None
+
+
+# ---------------------------------------------------------------------------------------- the searcher
+
+
+def _searcher_class():
+    from ray.tune.search.optuna import OptunaSearch
+
+    class StudySearch(OptunaSearch):
+        """OptunaSearch on the study's own storage, plus: the trial number and its MLflow child run in
+        each config, scheduler stops told to Optuna as PRUNED, failures as FAIL with their reason."""
+
+        def __init__(self, *, spec: JobSpec, tracker: Tracker, parent_run: str, max_steps: int,
+                     on_done: Callable[[Any, str], None], **kw):
+            self._spec, self._tracker, self._parent_run = spec, tracker, parent_run
+            self._max_steps, self._on_done = max_steps, on_done
+            self._runs: dict[str, str] = {}
+            self._last: dict[str, dict] = {}
+            super().__init__(space=lambda trial: st.suggest_all(trial, spec), **kw)
+
+        def suggest(self, trial_id: str):
+            config = super().suggest(trial_id)
+            if config is None:
+                return None
+            ot = self._ot_trials[trial_id]
+            dataset, model, train, ssa = self._spec.trial_config(config)
+            run_id = self._tracker.child_run(self._parent_run, self._spec.name if not self._study_name else
+                                             self._study_name, ot.number, trial_params(dataset, model, train, ssa))
+            self._ot_study._storage.set_trial_user_attr(ot._trial_id, st.T_RUN, run_id)
+            self._runs[trial_id] = run_id
+            return {**config, KEY_NUMBER: ot.number, KEY_RUN: run_id, KEY_TRIAL_ID: ot._trial_id}
+
+        def on_trial_result(self, trial_id: str, result: dict):
+            self._last[trial_id] = result
+            super().on_trial_result(trial_id, result)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            ot = self._ot_trials[trial_id]
+            result = result or self._last.get(trial_id)
+            storage = self._ot_study._storage
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            values = None if not result else [result.get(m) for m in metrics]
+            if error or values is None or any(v is None or not math.isfinite(v) for v in values):
+                state, told = "FAIL", None
+                reason = storage.get_trial(ot._trial_id).user_attrs.get(st.T_REASON)
+                if reason is None:
+                    reason = "the worker died (crash or killed)" if error else "no finite objective reported"
+                    storage.set_trial_user_attr(ot._trial_id, st.T_REASON, reason)
+            elif int(result.get("step", 0)) < self._max_steps:
+                state, told, reason = "PRUNED", values[0] if len(values) == 1 else values, None
+                storage.set_trial_user_attr(ot._trial_id, st.T_PRUNED_AT, int(result["step"]))
+            else:
+                state, told, reason = "COMPLETE", values[0] if len(values) == 1 else values, None
+            from optuna.trial import TrialState
+
+            ts = {"FAIL": TrialState.FAIL, "PRUNED": TrialState.PRUNED, "COMPLETE": TrialState.COMPLETE}[state]
+            self._ot_study.tell(ot, None if state == "FAIL" else told, state=ts)
+            self._completed_trials.add(trial_id)
+            run_id = self._runs.get(trial_id)
+            if run_id:
+                self._tracker.finish_trial(run_id, state, reason,
+                                           int(result["step"]) if state == "PRUNED" else None)
+            self._on_done(ot.number, state, values, reason)
+
+    return StudySearch
+
+
+def _scheduler(spec: JobSpec, max_steps: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
+
+    s = spec.scheduler
+    eval_every = spec.train_config({}).eval_every
+    grace = s.get("grace_steps") or eval_every
+    if s["kind"] == "asha":
+        return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=min(grace, max_steps),
+                             reduction_factor=s["reduction_factor"])
+    if s["kind"] == "hyperband":
+        return HyperBandScheduler(time_attr="step", max_t=max_steps, reduction_factor=s["reduction_factor"])
+    if s["kind"] == "median":
+        return MedianStoppingRule(time_attr="step", grace_period=grace, min_samples_required=3)
+    return FIFOScheduler()
+
+
+def _progress_callback(spec: JobSpec, out: Callable[[str], None]):
+    from ray.tune import Callback
+
+    objective = spec.objectives[0]
+    sign = 1 if objective.direction == "minimize" else -1
+
+    class Progress(Callback):
+        """A live view: one line per evaluation (throttled) and per finished trial, with the best so far."""
+
+        def __init__(self):
+            self.best: tuple[float, int] | None = None
+            self.last_print = 0.0
+            self.running: dict[str, str] = {}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            n = trial.config.get(KEY_NUMBER, "?")
+            v = result.get(objective.metric)
+            self.running[trial.trial_id] = f"#{n} step {result.get('step')}: {objective.metric}={_fmt(v)}"
+            now = time.monotonic()
+            if now - self.last_print >= 2.0:
+                self.last_print = now
+                out("  running  " + " | ".join(self.running.values()))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.running.pop(trial.trial_id, None)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.running.pop(trial.trial_id, None)
+
+        def done(self, number, state, values, reason):
+            v = values[0] if values else None
+            if state != "FAIL" and v is not None and (self.best is None or sign * v < sign * self.best[0]):
+                self.best = (v, number)
+            best = f"best #{self.best[1]} {objective.metric}={_fmt(self.best[0])}" if self.best else "best: none yet"
+            detail = f" ({reason})" if reason else ""
+            out(f"  trial {number:>3} {state:<8} {objective.metric}={_fmt(v)}{detail}   {best}")
+
+    return Progress()
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+# ---------------------------------------------------------------------------------------- the driver
+
+
+def _init_ray(address: str | None, workdir: Path) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kw: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False, "configure_logging": True,
+                          "logging_level": "ERROR"}
+    if address:
+        ray.init(address=address, **{k: v for k, v in kw.items() if k != "include_dashboard"})
+    else:
+        ray.init(**kw)
+
+
+def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: int | None = None,
+              address: str | None = None, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or continue) the study to its budget; returns the summary `ssa-tune status` prints."""
+    study_name = target.study or spec.name
+    st.check_storage(target.storage)
+    check_tracking(target.tracking)
+    target.workdir.mkdir(parents=True, exist_ok=True)
+    storage = st.open_storage(target.storage)
+    existing = {s.study_name for s in __import__("optuna").get_all_study_summaries(storage)}
+    spec_json = json.dumps(spec.raw, sort_keys=True, default=str)
+    budget = n_trials or spec.n_trials
+    study = st.create_or_load(spec, storage, study_name)
+    if study_name in existing:
+        recorded = study.user_attrs.get(st.ATTR_SPEC)
+        if recorded is not None and recorded != spec_json and not resume:
+            raise UserError(f"study {study_name!r} exists with a different spec; pass --study NEW_NAME "
+                            f"or `ssa-tune resume {study_name}`", spec.path, "name")
+        alive = st.driver_alive(study)
+        if alive:
+            raise UserError(f"study {study_name!r} is being run by pid {alive['pid']} on this host", field="study")
+    study.set_user_attr(st.ATTR_SPEC, spec_json if study.user_attrs.get(st.ATTR_SPEC) is None or not resume
+                        else study.user_attrs[st.ATTR_SPEC])
+    study.set_user_attr(st.ATTR_SPEC_PATH, spec.path)
+    study.set_user_attr(st.ATTR_DRIVER, {"host": socket.gethostname(), "pid": os.getpid()})
+    study.set_user_attr("ssa_tune.n_trials", budget)
+
+    tracker = Tracker(target.tracking, study_name, target.workdir / "mlartifacts")
+    # a previous driver that died left RUNNING trials: FAIL them (and their MLflow runs), retry their params
+    orphans = st.fail_orphans(study, "killed: the driver stopped while the trial ran")
+    if orphans:
+        tracker.kill_runs([t.user_attrs[st.T_RUN] for t in orphans if st.T_RUN in t.user_attrs],
+                          "killed: the driver stopped while the trial ran")
+        retried = st.enqueue_retries(study, orphans)
+        out(f"resume: {len(orphans)} interrupted trial(s) marked FAIL, {retried} re-queued")
+    parent = tracker.parent_run(study_name, study.user_attrs.get(st.ATTR_PARENT_RUN),
+                                {"ssa_tune.storage": st.redact(target.storage)})
+    study.set_user_attr(st.ATTR_PARENT_RUN, parent)
+    study.set_user_attr(st.ATTR_EXPERIMENT, tracker.experiment_id)
+    study.set_user_attr(st.ATTR_TRACKING, target.tracking)
+    tracker.log_study(parent, params={f"spec.{k}": v for k, v in _flat(spec.raw).items()},
+                      tags={"ssa_tune.spec_path": spec.path})
+    if spec.ssa is not None and spec.baseline and not study.trials:
+        study.enqueue_trial(spec.baseline_params())
+
+    out(f"study {study_name}: {st.budget_used(study)}/{budget} trials done; storage {st.redact(target.storage)}; "
+        f"tracking {target.tracking}")
+    started = time.monotonic()
+    _init_ray(address, target.workdir)
+    # trials that FAIL do not count toward the budget: run further rounds for them, a bounded number
+    for _ in range(3):
+        remaining = budget - st.budget_used(study)
+        if remaining <= 0:
+            break
+        time_left = None
+        if spec.time_limit_s is not None:
+            time_left = spec.time_limit_s - (time.monotonic() - started)
+            if time_left <= 0:
+                break
+        failed_before = st.counts(study)["failed"]
+        _fit(spec, target, study_name, storage, tracker, parent, remaining, time_left, out)
+        if st.counts(study)["failed"] == failed_before:
+            break  # short of the budget without failures: the time limit ended it
+    summary = status(study, target)
+    best = summary["best"]
+    metrics = {"best_value": best["value"]} if best and isinstance(best["value"], (int, float)) else {}
+    metrics.update({f"trials_{k}": v for k, v in summary["trials"].items()})
+    tracker.log_study(parent, metrics=metrics,
+                      tags={"ssa_tune.best_trial": best["number"]} if best else None)
+    tracker.finish_study(parent)
+    study.set_user_attr(st.ATTR_DRIVER, None)
+    return summary
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not prefix.startswith("search"):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (dict, list)) else v
+    return {k: v for k, v in out.items() if k not in ("spec.storage", "spec.tracking", "storage", "tracking")}
+
+
+def _fit(spec: JobSpec, target: Target, study_name: str, storage, tracker: Tracker, parent: str,
+         num_samples: int, time_budget: float | None, out: Callable[[str], None]) -> None:
+    from ray import tune
+
+    max_steps = spec.train_config({}).max_steps
+    if spec.train.get("max_tokens") is not None:
+        max_steps = 10**9  # a token budget: only the scheduler's own max decides
+    progress = _progress_callback(spec, out)
+    metrics = [o.metric for o in spec.objectives]
+    modes = ["min" if o.direction == "minimize" else "max" for o in spec.objectives]
+    search = _searcher_class()(
+        spec=spec, tracker=tracker, parent_run=parent, max_steps=max_steps, on_done=progress.done,
+        metric=metrics if len(metrics) > 1 else metrics[0], mode=modes if len(modes) > 1 else modes[0],
+        sampler=st.make_sampler(spec), storage=storage, study_name=study_name)
+    search._study_name = study_name
+    cpus, gpus = float(spec.resources["cpus_per_trial"]), float(spec.resources["gpus_per_trial"])
+    ctx = {"spec": json.dumps(spec.raw, default=str), "spec_path": spec.path, "cpus": cpus, "gpus": gpus,
+           "tracking": target.tracking, "storage": target.storage}
+    trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx), {"cpu": cpus, "gpu": gpus})
+    single = len(metrics) == 1
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=search,
+            scheduler=_scheduler(spec, max_steps) if single else None,
+            num_samples=num_samples,
+            max_concurrent_trials=int(spec.resources["max_concurrent"]),
+            reuse_actors=True,
+            time_budget_s=time_budget,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{study_name}-{int(time.time())}",
+            storage_path=str(target.workdir / "ray_results"),
+            verbose=0,
+            callbacks=[progress],
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        ),
+    )
+    tuner.fit()
+
+
+# ----------------------------------------------------------------------------------- reading a study
+
+
+def status(study, target: Target) -> dict[str, Any]:
+    best = st.best_trial(study)
+    return {
+        "study": study.study_name,
+        "storage": st.redact(target.storage),
+        "tracking_uri": target.tracking,
+        "n_trials": study.user_attrs.get("ssa_tune.n_trials"),
+        "trials": st.counts(study),
+        "best": None if best is None else {
+            "number": best.number,
+            "value": best.value if len(best.values) == 1 else best.values,
+            "params": dict(best.params),
+        },
+    }
