@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import socket
 import sqlite3
 from pathlib import Path
@@ -20,6 +21,8 @@ from .errors import UserError
 from .spec import SSA_SWITCH, JobSpec, Param
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+# TPE's `group` (conditional ssa.* parameters) is marked experimental; the warning tells the user nothing
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 # study user attributes
 ATTR_SPEC = "ssa_tune.spec"  # the validated raw spec (JSON), so resume/export need no file
@@ -88,8 +91,12 @@ def check_storage(url: str) -> None:
         raise UserError(f"cannot connect to {redact(url)}: {str(e).strip().splitlines()[0]}", field="storage") from None
 
 
-def make_sampler(spec: JobSpec) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: JobSpec, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The spec's sampler. `offset` (the trials already in the study) shifts the seed, so a resumed or
+    further round does not replay the random sequence of the first one."""
     kind, seed = spec.sampler["kind"], spec.sampler.get("seed")
+    if seed is not None:
+        seed += offset
     startup = spec.sampler.get("n_startup_trials")
     if kind == "tpe":
         kw = {} if startup is None else {"n_startup_trials": startup}

@@ -64,7 +64,11 @@ class Tracker:
     """Driver-side handle on the study's experiment."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
+        import logging
+
         import mlflow
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "Creating initial tables" INFO lines
 
         self.uri = uri
         self.client = _client(uri)

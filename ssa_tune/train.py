@@ -181,8 +181,23 @@ def train(dataset, model_cfg: GPTConfig, cfg: TrainConfig, ssa: SSAConfig | None
           on_eval: Callable[[dict[str, float]], None] | None = None) -> TrialResult:
     """Train one model on `dataset` (an `ssa_tune.data.Dataset`); call `on_eval(metrics)` at each evaluation.
 
-    Raises TrialFailed on a NaN/inf loss or when the device runs out of memory.
+    Raises TrialFailed on a NaN/inf loss or when the device (GPU or host) runs out of memory.
     """
+    try:
+        return _train(dataset, model_cfg, cfg, ssa, on_eval)
+    except torch.OutOfMemoryError as e:
+        raise TrialFailed(f"out of memory: {_first_line(e)}") from None
+    except RuntimeError as e:  # the CPU allocator's failure is a plain RuntimeError
+        if "can't allocate memory" in str(e) or "not enough memory" in str(e):
+            raise TrialFailed(f"out of memory: {_first_line(e)}") from None
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _train(dataset, model_cfg, cfg, ssa, on_eval) -> TrialResult:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -212,51 +227,48 @@ def train(dataset, model_cfg: GPTConfig, cfg: TrainConfig, ssa: SSAConfig | None
     last_loss = float("nan")
     metrics: dict[str, float] = {}
     model.train()
-    try:
-        for step in range(1, total + 1):
-            t0 = time.perf_counter()
-            lr = lr_at(step - 1, cfg, total)
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_mult"]
-            loss_acc = 0.0
-            for _ in range(cfg.grad_accum):
-                x, y = dataset.train_batch(cfg.batch_size, gen)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with amp():
-                    _, loss = model(x, y)
-                    aux = model.aux_loss()
-                total_loss = loss if aux is None else loss + aux
-                if not torch.isfinite(total_loss):
-                    raise TrialFailed(f"diverged: loss is {total_loss.item()} at step {step}", step)
-                (total_loss / cfg.grad_accum).backward()
-                loss_acc += loss.item() / cfg.grad_accum
-                tokens += x.numel()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            last_loss = loss_acc
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            train_time += time.perf_counter() - t0
-            if step % cfg.eval_every == 0 or step == total:
-                metrics = {"step": step, "train_loss": last_loss, "lr": lr, "tokens": tokens,
-                           "tokens_per_s": tokens / max(train_time, 1e-9), "train_seconds": train_time}
-                metrics.update(evaluate(model, dataset, "val", cfg.batch_size, device, amp))
-                if not math.isfinite(metrics["val_loss"]):
-                    raise TrialFailed(f"diverged: val_loss is {metrics['val_loss']} at step {step}", step)
-                metrics.update(probe_accuracy(model, dataset, device, amp))
-                if model.ssa is not None:
-                    x, _ = dataset.eval_batches("val", cfg.batch_size)[0]
-                    metrics.update(flat_stats(attention_stats(model, x.to(device))))
-                if step == total:  # end-of-trial measurements: held-out test split, decode latency
-                    metrics.update(evaluate(model, dataset, "test", cfg.batch_size, device, amp))
-                    metrics["latency_ms_per_token"] = decode_latency_ms(model, dataset, device, cfg.latency_tokens)
-                metrics["peak_mem_mb"] = _peak_memory_mb(device)
-                metrics["seconds"] = time.perf_counter() - t_start
-                history.append(metrics)
-                if on_eval is not None:
-                    on_eval(dict(metrics))
-    except torch.OutOfMemoryError as e:
-        raise TrialFailed(f"out of memory: {str(e).splitlines()[0] if str(e) else 'device memory exhausted'}") from None
+    for step in range(1, total + 1):
+        t0 = time.perf_counter()
+        lr = lr_at(step - 1, cfg, total)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["lr_mult"]
+        loss_acc = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = dataset.train_batch(cfg.batch_size, gen)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with amp():
+                _, loss = model(x, y)
+                aux = model.aux_loss()
+            total_loss = loss if aux is None else loss + aux
+            if not torch.isfinite(total_loss):
+                raise TrialFailed(f"diverged: loss is {total_loss.item()} at step {step}", step)
+            (total_loss / cfg.grad_accum).backward()
+            loss_acc += loss.item() / cfg.grad_accum
+            tokens += x.numel()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last_loss = loss_acc
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time += time.perf_counter() - t0
+        if step % cfg.eval_every == 0 or step == total:
+            metrics = {"step": step, "train_loss": last_loss, "lr": lr, "tokens": tokens,
+                       "tokens_per_s": tokens / max(train_time, 1e-9), "train_seconds": train_time}
+            metrics.update(evaluate(model, dataset, "val", cfg.batch_size, device, amp))
+            if not math.isfinite(metrics["val_loss"]):
+                raise TrialFailed(f"diverged: val_loss is {metrics['val_loss']} at step {step}", step)
+            metrics.update(probe_accuracy(model, dataset, device, amp))
+            if model.ssa is not None:
+                x, _ = dataset.eval_batches("val", cfg.batch_size)[0]
+                metrics.update(flat_stats(attention_stats(model, x.to(device))))
+            if step == total:  # end-of-trial measurements: held-out test split, decode latency
+                metrics.update(evaluate(model, dataset, "test", cfg.batch_size, device, amp))
+                metrics["latency_ms_per_token"] = decode_latency_ms(model, dataset, device, cfg.latency_tokens)
+            metrics["peak_mem_mb"] = _peak_memory_mb(device)
+            metrics["seconds"] = time.perf_counter() - t_start
+            history.append(metrics)
+            if on_eval is not None:
+                on_eval(dict(metrics))
     return TrialResult(metrics=metrics, history=history, steps=total, seconds=time.perf_counter() - t_start,
                        n_params=n_params, ssa_params=ssa_params)

@@ -95,6 +95,12 @@ def _searcher_class():
             self._runs[trial_id] = run_id
             return {**config, KEY_NUMBER: ot.number, KEY_RUN: run_id, KEY_TRIAL_ID: ot._trial_id}
 
+        def save(self, checkpoint_path: str) -> None:
+            """Nothing to save: the study's storage is the state, and resume reads it from there."""
+
+        def restore(self, checkpoint_path: str) -> None:
+            pass
+
         def on_trial_result(self, trial_id: str, result: dict):
             self._last[trial_id] = result
             super().on_trial_result(trial_id, result)
@@ -121,7 +127,8 @@ def _searcher_class():
             from optuna.trial import TrialState
 
             ts = {"FAIL": TrialState.FAIL, "PRUNED": TrialState.PRUNED, "COMPLETE": TrialState.COMPLETE}[state]
-            self._ot_study.tell(ot, None if state == "FAIL" else told, state=ts)
+            # Optuna takes no value with FAIL, and records a PRUNED trial's last intermediate value itself
+            self._ot_study.tell(ot, told if state == "COMPLETE" else None, state=ts)
             self._completed_trials.add(trial_id)
             run_id = self._runs.get(trial_id)
             if run_id:
@@ -138,13 +145,15 @@ def _scheduler(spec: JobSpec, max_steps: int):
     s = spec.scheduler
     eval_every = spec.train_config({}).eval_every
     grace = s.get("grace_steps") or eval_every
+    objective = spec.objectives[0]
+    om = {"metric": objective.metric, "mode": "min" if objective.direction == "minimize" else "max"}
     if s["kind"] == "asha":
         return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=min(grace, max_steps),
-                             reduction_factor=s["reduction_factor"])
+                             reduction_factor=s["reduction_factor"], **om)
     if s["kind"] == "hyperband":
-        return HyperBandScheduler(time_attr="step", max_t=max_steps, reduction_factor=s["reduction_factor"])
+        return HyperBandScheduler(time_attr="step", max_t=max_steps, reduction_factor=s["reduction_factor"], **om)
     if s["kind"] == "median":
-        return MedianStoppingRule(time_attr="step", grace_period=grace, min_samples_required=3)
+        return MedianStoppingRule(time_attr="step", grace_period=grace, min_samples_required=3, **om)
     return FIFOScheduler()
 
 
@@ -195,7 +204,19 @@ def _fmt(v) -> str:
 # ---------------------------------------------------------------------------------------- the driver
 
 
+def _quiet_ray() -> None:
+    """Our own progress lines replace Ray's tables and its end-of-run error banner."""
+    import logging
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    for name in ("ray.tune", "ray.air", "ray.train", "ray"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def _init_ray(address: str | None, workdir: Path) -> None:
+    _quiet_ray()
     import ray
 
     if ray.is_initialized():
@@ -306,7 +327,8 @@ def _fit(spec: JobSpec, target: Target, study_name: str, storage, tracker: Track
     search = _searcher_class()(
         spec=spec, tracker=tracker, parent_run=parent, max_steps=max_steps, on_done=progress.done,
         metric=metrics if len(metrics) > 1 else metrics[0], mode=modes if len(modes) > 1 else modes[0],
-        sampler=st.make_sampler(spec), storage=storage, study_name=study_name)
+        sampler=st.make_sampler(spec, offset=len(storage.get_all_trials(storage.get_study_id_from_name(study_name), deepcopy=False))),
+        storage=storage, study_name=study_name)
     search._study_name = study_name
     cpus, gpus = float(spec.resources["cpus_per_trial"]), float(spec.resources["gpus_per_trial"])
     ctx = {"spec": json.dumps(spec.raw, default=str), "spec_path": spec.path, "cpus": cpus, "gpus": gpus,
