@@ -103,7 +103,15 @@ def _searcher_class():
 
         def on_trial_result(self, trial_id: str, result: dict):
             self._last[trial_id] = result
-            super().on_trial_result(trial_id, result)
+            self._report(trial_id, result)
+
+        def _report(self, trial_id: str, result: dict) -> None:
+            """Intermediate values keyed by training step (not Ray's iteration), as the curves in MLflow."""
+            if isinstance(self.metric, list) or trial_id in self._completed_trials:
+                return
+            v, step = result.get(self.metric), result.get("step")
+            if v is not None and step is not None and math.isfinite(v):
+                self._ot_trials[trial_id].report(float(v), int(step))
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -120,7 +128,9 @@ def _searcher_class():
                     reason = "the worker died (crash or killed)" if error else "no finite objective reported"
                     storage.set_trial_user_attr(ot._trial_id, st.T_REASON, reason)
             elif int(result.get("step", 0)) < self._max_steps:
-                state, told, reason = "PRUNED", values[0] if len(values) == 1 else values, None
+                state, told, reason = "PRUNED", None, None
+                # the result that made the scheduler stop the trial never reached on_trial_result
+                self._report(trial_id, result)
                 storage.set_trial_user_attr(ot._trial_id, st.T_PRUNED_AT, int(result["step"]))
             else:
                 state, told, reason = "COMPLETE", values[0] if len(values) == 1 else values, None
@@ -128,7 +138,7 @@ def _searcher_class():
 
             ts = {"FAIL": TrialState.FAIL, "PRUNED": TrialState.PRUNED, "COMPLETE": TrialState.COMPLETE}[state]
             # Optuna takes no value with FAIL, and records a PRUNED trial's last intermediate value itself
-            self._ot_study.tell(ot, told if state == "COMPLETE" else None, state=ts)
+            self._ot_study.tell(ot, told, state=ts)
             self._completed_trials.add(trial_id)
             run_id = self._runs.get(trial_id)
             if run_id:

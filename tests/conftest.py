@@ -1,0 +1,71 @@
+"""Shared helpers: a tiny job spec and the real `ssa-tune` command in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SSA_TUNE = [sys.executable, "-m", "ssa_tune.cli"]
+
+# Small enough for 2 CPU cores: one layer, d_model 32, 40 steps, 2 trials at a time.
+TINY = {
+    "name": "tiny",
+    "dataset": {"kind": "markov"},
+    "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "seq_len": 128},
+    "train": {"max_steps": 40, "batch_size": 8, "eval_every": 20, "lr": 3.0e-3, "warmup_steps": 5},
+    "ssa": {"query_position": "log_expexp", "query_gate": "shared", "value_gate": "shared"},
+    "search": {
+        "ssa.query_gate": {"type": "categorical", "choices": ["none", "linear", "shared"]},
+        "ssa.token_scale": {"type": "float", "low": 0.1, "high": 0.9, "when": {"ssa.query_gate": ["linear", "shared"]}},
+        "train.lr": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True},
+    },
+    "budget": {"n_trials": 4},
+    "scheduler": {"kind": "asha", "grace_steps": 20, "reduction_factor": 2},
+    "resources": {"cpus_per_trial": 1, "max_concurrent": 2},
+    "sampler": {"kind": "tpe", "seed": 0},
+}
+
+
+def deep_update(base: dict, changes: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for k, v in changes.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    def write(changes: dict | None = None, name: str = "spec.yaml", drop: tuple[str, ...] = ()) -> Path:
+        spec = deep_update(TINY, changes or {})
+        for k in drop:
+            spec.pop(k, None)
+        p = tmp_path / name
+        p.write_text(yaml.safe_dump(spec, sort_keys=False))
+        return p
+
+    return write
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, check: bool = True,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*SSA_TUNE, *map(str, args)], cwd=cwd or ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ssa-tune {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture
+def cli():
+    return run_cli

@@ -1,0 +1,122 @@
+"""Bad input: one line `error: FILE: field: reason`, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ssa_tune.cli import app
+
+from .conftest import TINY, deep_update, run_cli
+
+runner = CliRunner()
+
+BAD_SPECS = [
+    # (id, changes to the tiny spec or raw text, expected "field: reason" start)
+    ("unknown-section", {"optimizer": {"lr": 1}}, "optimizer: unknown key"),
+    ("unknown-train-key", {"train": {"lrr": 0.1}}, "train.lrr: unknown train field"),
+    ("wrong-type", {"train": {"max_steps": "ten"}}, "train.max_steps: must be an integer"),
+    ("bad-model", {"model": {"d_model": 30, "n_head": 4}}, "model.d_model: 30 must be divisible"),
+    ("bad-ssa-choice", {"ssa": {"query_gate": "maybe"}}, "ssa.query_gate: must be one of"),
+    ("inverted-range", {"search": {"train.lr": {"type": "float", "low": 0.1, "high": 0.01}}},
+     "search.train.lr: inverted range"),
+    ("empty-range", {"search": {"train.lr": {"type": "float", "low": 0.01, "high": 0.01}}},
+     "search.train.lr: empty range"),
+    ("log-nonpositive", {"search": {"train.lr": {"type": "float", "low": 0.0, "high": 0.01, "log": True}}},
+     "search.train.lr.low: must be > 0"),
+    ("bad-choice-value", {"search": {"ssa.query_gate": {"type": "categorical", "choices": ["none", "bogus"]}}},
+     "search.ssa.query_gate: value 'bogus' is invalid"),
+    ("range-outside-config", {"search": {"ssa.token_scale": {"type": "float", "low": 0.5, "high": 1.5}}},
+     "search.ssa.token_scale: value 1.5 is invalid"),
+    ("unknown-param-key", {"search": {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "lg": True}}},
+     "search.train.lr.lg: unknown key"),
+    ("bad-param-type", {"search": {"train.lr": {"type": "real", "low": 1e-3, "high": 1e-2}}},
+     "search.train.lr.type: must be one of"),
+    ("missing-dataset-path", {"dataset": {"kind": "text", "path": "no/such/corpus.txt"}},
+     "dataset.path: no/such/corpus.txt: no such file"),
+    ("unknown-dataset-kind", {"dataset": {"kind": "imagenet"}}, "dataset.kind: must be one of"),
+    ("unknown-dataset-param", {"dataset": {"kind": "markov", "nodes": 5}}, "dataset.nodes: unknown key"),
+    ("bad-scheduler", {"scheduler": {"kind": "pbt"}}, "scheduler.kind: must be one of"),
+    ("bad-budget", {"budget": {"n_trials": 0}}, "budget.n_trials: must be >= 1"),
+    ("bad-objective", {"objective": {"metric": "val_loss", "direction": "down"}}, "objective.direction: must be"),
+    ("multi-objective-with-asha", {"objective": [{"metric": "val_loss"}, {"metric": "latency_ms_per_token"}]},
+     "scheduler.kind: early stopping needs a single objective"),
+]
+
+
+def _assert_one_line(result, spec_path, expected):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(f"error: {spec_path}: {expected}"), lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("case,changes,expected", BAD_SPECS, ids=[c[0] for c in BAD_SPECS])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, case, changes, expected, command):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump(deep_update(TINY, changes), sort_keys=False))
+    workdir = tmp_path / "wd"
+    args = [command, str(spec)] + (["--workdir", str(workdir)] if command == "run" else [])
+    result = runner.invoke(app, args)
+    _assert_one_line(result, spec, expected)
+    assert not workdir.exists()
+
+
+def test_yaml_syntax_error(tmp_path):
+    spec = tmp_path / "broken.yaml"
+    spec.write_text("name: x\ndataset: {kind: markov\ntrain: [\n")
+    result = runner.invoke(app, ["run", str(spec), "--workdir", str(tmp_path / "wd")])
+    _assert_one_line(result, spec, "invalid YAML: line")
+    assert not (tmp_path / "wd").exists()
+
+
+def test_missing_spec_file(tmp_path):
+    result = runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")])
+    _assert_one_line(result, tmp_path / "nope.yaml", "file not found")
+
+
+def test_unreachable_storage_writes_nothing(write_spec, tmp_path):
+    spec = write_spec()
+    result = runner.invoke(app, ["run", str(spec), "--workdir", str(tmp_path / "wd"),
+                                 "--storage", "postgresql+psycopg2://root:secret@127.0.0.1:9/test"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert line.startswith("error: storage: cannot connect to postgresql+psycopg2://root:***@127.0.0.1:9/test")
+    assert "secret" not in result.output and "\n" not in line
+    assert not (tmp_path / "wd").exists()
+
+
+def test_unreachable_tracking_server(write_spec, tmp_path):
+    spec = write_spec({"tracking": "http://127.0.0.1:9"})
+    result = runner.invoke(app, ["run", str(spec), "--workdir", str(tmp_path / "wd")])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error: tracking: cannot reach MLflow tracking server http://127.0.0.1:9")
+    assert not (tmp_path / "wd").exists()
+
+
+def test_set_override_is_validated(write_spec):
+    spec = write_spec()
+    result = runner.invoke(app, ["validate", str(spec), "--set", "train.max_steps=-3"])
+    _assert_one_line(result, spec, "train.max_steps: must be an integer >= 1")
+
+
+def test_unknown_study_is_one_line(tmp_path):
+    result = runner.invoke(app, ["status", "nope", "--workdir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: storage: no study database at")
+
+
+def test_real_process_prints_one_line_to_stderr(tmp_path):
+    """The same through a real `ssa-tune` process: stderr is the one line, stdout is empty."""
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump(deep_update(TINY, {"train": {"lrr": 1}})))
+    proc = run_cli("run", spec, "--workdir", tmp_path / "wd", check=False, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.strip() == f"error: {spec}: train.lrr: unknown train field " \
+        "(known: batch_size, beta1, beta2, device, eval_every, grad_accum, grad_clip, latency_tokens, lr, " \
+        "max_steps, max_tokens, min_lr_frac, seed, threads, warmup_steps, weight_decay)"
+    assert not (tmp_path / "wd").exists()
