@@ -1,0 +1,197 @@
+"""The tuning service end to end, with a real Ray, a real Optuna storage and a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from .conftest import ROOT, SSA_TUNE, TINY, deep_update, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def _study(workdir, name="tiny"):
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{workdir / 'optuna.db'}")
+
+
+def _runs(workdir, name="tiny"):
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_quickstart_study_end_to_end(write_spec, tmp_path):
+    spec = write_spec()
+    wd = tmp_path / "wd"
+    proc = run_cli("run", spec, "--workdir", wd, "--json")
+    summary = json.loads(proc.stdout)
+    assert summary["study"] == "tiny"
+    c = summary["trials"]
+    assert c["complete"] + c["pruned"] == 4 and c["running"] == 0 and c["waiting"] == 0
+    assert "sqlite" in summary["storage"]
+    study = _study(wd)
+    # the baseline is the enqueued first trial
+    assert study.trials[0].params["ssa.enabled"] is False
+
+    # MLflow: one parent run per study, one nested child run per trial, states mirroring Optuna
+    client, runs = _runs(wd)
+    parents = [r for r in runs if r.data.tags.get("ssa_tune.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("ssa_tune.role") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert len(children) == len(study.trials)
+    by_number = {int(r.data.tags["ssa_tune.trial_number"]): r for r in children}
+    assert sorted(by_number) == [t.number for t in study.trials]  # none lost, none twice
+    for t in study.trials:
+        run = by_number[t.number]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["ssa_tune.state"] == t.state.name
+        assert run.data.params["train.lr"] == str(t.params["train.lr"])
+        assert run.data.params["ssa.enabled"] == str(t.params["ssa.enabled"])
+        if t.params["ssa.enabled"]:  # every SSA knob is a param
+            for knob in ("query_position", "query_gate", "value_gate", "token_scale", "per_head", "layers"):
+                assert f"ssa.{knob}" in run.data.params
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        steps = sorted(m.step for m in history)
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert steps == [20, 40]
+            last = max(history, key=lambda m: m.step).value
+            assert last == pytest.approx(t.value)
+            assert run.info.status == "FINISHED"
+        else:
+            assert t.state == optuna.trial.TrialState.PRUNED
+            assert steps == [20] and run.data.tags["ssa_tune.pruned_at_step"] == "20"
+    assert parent.data.metrics["trials_complete"] == c["complete"]
+
+    # status / best / studies / export read the study back
+    status = json.loads(run_cli("status", "tiny", "--workdir", wd, "--json").stdout)
+    assert set(status) >= {"study", "storage", "tracking_uri", "trials", "best"}
+    assert status["best"]["value"] == pytest.approx(study.best_value)
+    best = json.loads(run_cli("best", "tiny", "--workdir", wd, "--json").stdout)
+    assert best["number"] == study.best_trial.number and "val_loss" in best["metrics"]
+    assert json.loads(run_cli("studies", "--workdir", wd, "--json").stdout)[0]["study"] == "tiny"
+
+    out = tmp_path / "best.yaml"
+    run_cli("export", "tiny", "-o", out, "--workdir", wd)
+    exported = yaml.safe_load(out.read_text())
+    assert exported["study"]["trial"] == study.best_trial.number
+    assert exported["model"]["d_model"] == 32 and exported["train"]["lr"] == pytest.approx(study.best_params["train.lr"])
+    assert exported["source"]["winner"] == ("ssa" if study.best_params["ssa.enabled"] else "baseline")
+
+    # another project: load_config + convert in a fresh process
+    code = (
+        "import sys, torch, ssa_tune\n"
+        "cfg = ssa_tune.load_config(sys.argv[1])\n"
+        "m = ssa_tune.GPT(ssa_tune.GPTConfig(vocab_size=50, seq_len=16, n_layer=2, n_head=2, d_model=16))\n"
+        "x = torch.randint(0, 50, (2, 16))\n"
+        "before = m(x)[0]\n"
+        "ssa_tune.convert(m, cfg)\n"
+        "after = m(x)[0]\n"
+        "print(type(cfg).__name__, cfg.query_gate, sum(a.temps is not None for a in m.attention_layers), after.shape[-1])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    name, gate, converted, vocab = proc.stdout.split()
+    assert name == "SSAConfig" and gate == exported["ssa"]["query_gate"] and int(converted) == 2 and vocab == "50"
+
+    # running the same spec again: the budget is spent, nothing new runs
+    again = json.loads(run_cli("run", spec, "--workdir", wd, "--json").stdout)
+    assert again["trials"] == summary["trials"]
+
+
+def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
+    # lr 1e12 diverges; mlp_ratio 10**9 asks the allocator for terabytes
+    raw = deep_update(TINY, {"sampler": {"kind": "random", "seed": 3}, "budget": {"n_trials": 3},
+                             "baseline": False, "scheduler": {"kind": "none"}})
+    raw["search"] = {"train.lr": {"type": "categorical", "choices": [0.003, 1.0e+12]},
+                     "model.mlp_ratio": {"type": "categorical", "choices": [4, 1000000000]}}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    wd = tmp_path / "wd"
+    summary = json.loads(run_cli("run", spec, "--workdir", wd, "--json").stdout)
+    study = _study(wd)
+    states = [t.state for t in study.trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed, "the spec is built to make some trials fail"
+    reasons = {t.user_attrs["ssa_tune.fail_reason"].split(":")[0] for t in failed}
+    assert reasons <= {"diverged", "out of memory"} and reasons
+    for t in failed:
+        if t.params["model.mlp_ratio"] == 1000000000:
+            assert t.user_attrs["ssa_tune.fail_reason"].startswith("out of memory")
+        else:
+            assert t.user_attrs["ssa_tune.fail_reason"].startswith("diverged")
+    # the study went on: healthy trials completed after failures
+    assert summary["trials"]["complete"] >= 1
+    client, runs = _runs(wd)
+    by_number = {int(r.data.tags["ssa_tune.trial_number"]): r for r in runs if r.data.tags.get("ssa_tune.role") == "trial"}
+    for t in failed:
+        run = by_number[t.number]
+        assert run.info.status == "FAILED" and run.data.tags["ssa_tune.state"] == "FAIL"
+        assert run.data.tags["ssa_tune.fail_reason"] == t.user_attrs["ssa_tune.fail_reason"]
+
+
+def test_sigkill_then_resume_finishes_the_budget(write_spec, tmp_path):
+    spec = write_spec({"train": {"max_steps": 200, "eval_every": 20}, "budget": {"n_trials": 5},
+                       "scheduler": {"kind": "none"}})
+    wd = tmp_path / "wd"
+    proc = subprocess.Popen([*SSA_TUNE, "run", str(spec), "--workdir", str(wd)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # wait until trials are running and at least one has reported, then kill the driver hard
+    deadline = time.monotonic() + 240
+    killed_running = []
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            if not (wd / "optuna.db").exists():
+                continue
+            try:
+                trials = _study(wd).trials
+            except Exception:
+                continue
+            running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.intermediate_values]
+            if running:
+                killed_running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+                break
+        assert killed_running, "no trial was running in time"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(2)
+    before = _study(wd).trials
+    assert any(t.state == optuna.trial.TrialState.RUNNING for t in before)
+
+    summary = json.loads(run_cli("resume", "tiny", "--workdir", wd, "--json").stdout)
+    study = _study(wd)
+    c = summary["trials"]
+    assert c["complete"] + c["pruned"] == 5  # the budget counts COMPLETE and PRUNED
+    assert c["running"] == 0 and c["waiting"] == 0
+    killed = [t for t in study.trials if t.number in killed_running]
+    for t in killed:  # interrupted trials are FAIL with the reason, their parameters re-run once
+        assert t.state == optuna.trial.TrialState.FAIL
+        assert t.user_attrs["ssa_tune.fail_reason"].startswith("killed")
+        retries = [r for r in study.trials if r.user_attrs.get("ssa_tune.retry_of") == t.number]
+        assert len(retries) == 1 and retries[0].params == t.params
+        assert retries[0].state != optuna.trial.TrialState.FAIL
+    # none counted twice: each trial number once in MLflow; killed runs closed as KILLED
+    client, runs = _runs(wd)
+    children = [r for r in runs if r.data.tags.get("ssa_tune.role") == "trial"]
+    numbers = [int(r.data.tags["ssa_tune.trial_number"]) for r in children]
+    assert sorted(numbers) == [t.number for t in study.trials]
+    for r in children:
+        assert r.info.status != "RUNNING"
+        if int(r.data.tags["ssa_tune.trial_number"]) in killed_running:
+            assert r.info.status == "KILLED" and r.data.tags["ssa_tune.state"] == "FAIL"
+    parents = [r for r in runs if r.data.tags.get("ssa_tune.role") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
