@@ -197,6 +197,29 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def accumulate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, amp,
+               step: int = 0) -> float:
+    """Backward over micro-batches so the gradient equals one big batch's: every scored token weighs the
+    same (micro-batch losses are token sums over the step's total count, not means of means)."""
+    total = sum(int((y != -100).sum()) for _, y in batches)
+    loss_sum = 0.0
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        n = int((y != -100).sum())
+        with amp():
+            _, loss = model(x, y)
+            aux = model.aux_loss()
+        if not torch.isfinite(loss) or (aux is not None and not torch.isfinite(aux)):
+            bad = loss if not torch.isfinite(loss) else aux
+            raise TrialFailed(f"diverged: loss is {bad.item()} at step {step}", step)
+        objective = loss * (n / max(total, 1))
+        if aux is not None:
+            objective = objective + aux / len(batches)
+        objective.backward()
+        loss_sum += loss.item() * n
+    return loss_sum / max(total, 1)
+
+
 def _train(dataset, model_cfg, cfg, ssa, on_eval) -> TrialResult:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -232,23 +255,12 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval) -> TrialResult:
         lr = lr_at(step - 1, cfg, total)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        loss_acc = 0.0
-        for _ in range(cfg.grad_accum):
-            x, y = dataset.train_batch(cfg.batch_size, gen)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with amp():
-                _, loss = model(x, y)
-                aux = model.aux_loss()
-            total_loss = loss if aux is None else loss + aux
-            if not torch.isfinite(total_loss):
-                raise TrialFailed(f"diverged: loss is {total_loss.item()} at step {step}", step)
-            (total_loss / cfg.grad_accum).backward()
-            loss_acc += loss.item() / cfg.grad_accum
-            tokens += x.numel()
+        batches = [dataset.train_batch(cfg.batch_size, gen) for _ in range(cfg.grad_accum)]
+        last_loss = accumulate(model, batches, device, amp, step)
+        tokens += sum(x.numel() for x, _ in batches)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        last_loss = loss_acc
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_time += time.perf_counter() - t0

@@ -1,0 +1,134 @@
+"""The trial runner: learning, determinism, failure reasons, schedules, metrics, `ssa-tune train`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ssa_tune import GPTConfig, SSAConfig
+from ssa_tune.data import build_dataset
+from ssa_tune.errors import TrialFailed
+from ssa_tune.train import TrainConfig, lr_at, train
+
+from .conftest import run_cli
+
+TINY_MODEL = dict(n_layer=1, n_head=2, d_model=32)
+
+
+def _train(kind, steps=40, seed=0, ssa=None, model=None, data=None, **train_kw):
+    ds = build_dataset({"kind": kind, **(data or {})}, seed=seed)
+    cfg = GPTConfig(vocab_size=ds.vocab_size, seq_len=ds.seq_len, **(model or TINY_MODEL))
+    tc = TrainConfig(max_steps=steps, eval_every=max(1, steps // 2), batch_size=8, seed=seed, threads=1,
+                     warmup_steps=5, **train_kw)
+    seen = []
+    result = train(ds, cfg, tc, ssa, on_eval=seen.append)
+    return ds, result, seen
+
+
+@pytest.mark.parametrize("kind,steps,lr", [("markov", 150, 3e-3), ("passkey", 200, 3e-3), ("noisy", 150, 3e-3)])
+def test_loss_falls_clearly_on_each_synthetic_task(kind, steps, lr):
+    ds, result, seen = _train(kind, steps=steps, lr=lr, ssa=SSAConfig(query_gate="shared", value_gate="shared"),
+                              model=dict(n_layer=2, n_head=2, d_model=32))
+    uniform = math.log(ds.vocab_size)
+    first_eval = seen[0]["val_loss"]
+    last = result.metrics["val_loss"]
+    assert last < 0.8 * uniform, (kind, last, uniform)
+    assert last < first_eval, (kind, first_eval, last)
+    assert [m["step"] for m in seen] == [steps // 2, steps]
+
+
+def test_same_seed_same_losses_other_seed_not():
+    _, a, _ = _train("markov", steps=20, seed=1)
+    _, b, _ = _train("markov", steps=20, seed=1)
+    _, c, _ = _train("markov", steps=20, seed=2)
+    la = [m["val_loss"] for m in a.history]
+    assert la == [m["val_loss"] for m in b.history]
+    assert la != [m["val_loss"] for m in c.history]
+    assert a.metrics["train_loss"] == b.metrics["train_loss"]
+
+
+def test_divergence_ends_the_trial_with_its_reason():
+    with pytest.raises(TrialFailed) as e:
+        _train("markov", steps=30, lr=1e12)
+    assert e.value.reason.startswith("diverged: loss is ") and "at step" in e.value.reason
+    assert e.value.step is not None and e.value.step <= 30
+
+
+def test_out_of_memory_ends_the_trial_with_its_reason():
+    with pytest.raises(TrialFailed) as e:
+        _train("markov", steps=5, model=dict(n_layer=1, n_head=2, d_model=32, mlp_ratio=10**9))
+    assert e.value.reason.startswith("out of memory:")
+
+
+def test_metrics_reported_at_each_evaluation():
+    ds, result, seen = _train("passkey", steps=20, ssa=SSAConfig(query_gate="linear"))
+    last = seen[-1]
+    for key in ("val_loss", "val_ppl", "val_acc", "passkey_acc", "tokens_per_s", "peak_mem_mb",
+                "latency_ms_per_token", "test_loss", "ssa.entropy_mean", "ssa.tau_q_mean", "train_loss"):
+        assert key in last, key
+    assert last["val_ppl"] == pytest.approx(math.exp(last["val_loss"]))
+    assert 0.0 <= last["passkey_acc"] <= 1.0 and last["tokens_per_s"] > 0
+    assert any(k.startswith("probe.len") for k in last)
+    assert "test_loss" not in seen[0]  # end-of-trial measurements come once, at the end
+    assert result.ssa_params > 0
+
+
+def test_markov_reports_the_gap_to_the_true_entropy():
+    ds, result, _ = _train("markov", steps=10)
+    assert result.metrics["val_gap"] == pytest.approx(result.metrics["val_loss"] - ds.optimal_loss)
+
+
+def test_token_budget_sets_the_number_of_steps():
+    ds, result, _ = _train("noisy", steps=1000, max_tokens=8 * 64 * 7)
+    assert result.steps == math.ceil(8 * 64 * 7 / (8 * ds.seq_len))
+
+
+def test_gradient_accumulation_matches_one_large_batch():
+    """Micro-batches with different numbers of scored tokens accumulate to the full batch's gradient."""
+    import contextlib
+
+    from ssa_tune import GPT
+    from ssa_tune.train import accumulate
+
+    ds = build_dataset({"kind": "passkey"}, seed=0)
+    cfg = GPTConfig(vocab_size=ds.vocab_size, seq_len=ds.seq_len, **TINY_MODEL)
+    x, y = ds.train_batch(8, torch.Generator().manual_seed(0))
+    y = y.clone()
+    y[:3, :] = -100  # the first micro-batch scores fewer tokens than the second
+    y[:3, -3] = x[:3, -2]
+    torch.manual_seed(0)
+    m1, m2 = GPT(cfg), GPT(cfg)
+    m2.load_state_dict(m1.state_dict())
+    cpu = torch.device("cpu")
+    full = accumulate(m1, [(x, y)], cpu, contextlib.nullcontext)
+    halves = accumulate(m2, [(x[:4], y[:4]), (x[4:], y[4:])], cpu, contextlib.nullcontext)
+    assert halves == pytest.approx(full, rel=1e-5)
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(max_steps=100, lr=1e-3, warmup_steps=10, min_lr_frac=0.1)
+    assert lr_at(0, cfg, 100) == pytest.approx(1e-4)
+    assert lr_at(9, cfg, 100) == pytest.approx(1e-3)
+    assert lr_at(99, cfg, 100) == pytest.approx(1e-4, rel=1e-2)
+    assert all(lr_at(s, cfg, 100) >= lr_at(s + 1, cfg, 100) for s in range(10, 99))
+
+
+@pytest.mark.parametrize("field,value", [("max_steps", 0), ("lr", -1.0), ("batch_size", 1.5), ("device", "tpu"),
+                                         ("min_lr_frac", 2.0), ("max_tokens", 0)])
+def test_train_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        TrainConfig(**{field: value})
+
+
+def test_ssa_tune_train_json(write_spec):
+    spec = write_spec({"train": {"max_steps": 30, "eval_every": 15}})
+    proc = run_cli("train", spec, "--json", "--set", "train.seed=3", timeout=300)
+    out = json.loads(proc.stdout)
+    assert {"val_loss", "steps", "tokens_per_s", "seconds"} <= set(out)
+    assert out["steps"] == 30
+    assert "step     15" in proc.stderr  # progress goes to stderr with --json
