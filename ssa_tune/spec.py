@@ -439,14 +439,16 @@ def _check_robustness(r, file: str) -> dict | None:
 
 
 def _check_search_values(spec: JobSpec) -> None:
-    """Every value a parameter can take must build valid configs: catch a bad range before any trial runs."""
+    """Every value a parameter can take must build valid configs: catch a bad range before any trial runs.
+    Each value is checked with the other parameters at their first value (low end or first choice)."""
+    first = {p.name: p.values_to_check()[0] for p in spec.search}
     for p in spec.search:
         for v in p.values_to_check():
-            params = {p.name: v}
-            if p.name.startswith("ssa."):
+            params = {**first, p.name: v}
+            if any(k.startswith("ssa.") for k in params):
                 params[SSA_SWITCH] = True
-            if spec.ssa is None and p.name.startswith("ssa.") and p.name != SSA_SWITCH:
-                continue
+            if spec.ssa is None and SSA_SWITCH not in first:
+                params = {k: x for k, x in params.items() if not k.startswith("ssa.")}
             try:
                 spec.trial_config(params)
             except (ValueError, TypeError) as e:
