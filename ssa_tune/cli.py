@@ -166,6 +166,28 @@ def run(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
 
 @app.command()
 @_edge
+def submit(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+           address: Annotated[str, typer.Option("--address", help="Ray Jobs address, e.g. http://head:8265.")],
+           study: Annotated[Optional[str], typer.Option("--study", help="Study name.")] = None,
+           storage: Storage = None, tracking_uri: Tracking = None,
+           set_: Annotated[Optional[list[str]], typer.Option("--set", help="dotted.key=value override")] = None,
+           wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish.")] = False):
+    """Submit a study to a Ray cluster (Ray Jobs); trials share a PostgreSQL study and an MLflow server."""
+    from .spec import load_spec
+    from .tune import submit as submit_job
+
+    s = load_spec(spec, set_)  # validated here, before anything reaches the cluster
+    storage = storage or s.storage
+    tracking_uri = tracking_uri or s.tracking
+    if storage is None or storage.startswith("sqlite"):
+        raise UserError("a cluster study needs a shared storage URL (e.g. postgresql://...)", str(spec), "storage")
+    if tracking_uri is None or tracking_uri.startswith("sqlite"):
+        raise UserError("a cluster study needs an MLflow tracking server URI (http://...)", str(spec), "tracking")
+    submit_job(spec.resolve(), address, storage, tracking_uri, study, set_ or [], wait, out=typer.echo)
+
+
+@app.command()
+@_edge
 def resume(study: Annotated[str, typer.Argument(help="Study name.")], workdir: Workdir = None,
            storage: Storage = None, tracking_uri: Tracking = None,
            address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address.")] = None,

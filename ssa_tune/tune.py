@@ -232,12 +232,48 @@ def _init_ray(address: str | None, workdir: Path) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    kw: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False, "configure_logging": True,
-                          "logging_level": "ERROR"}
-    if address:
-        ray.init(address=address, **{k: v for k, v in kw.items() if k != "include_dashboard"})
-    else:
-        ray.init(**kw)
+    kw: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": "ERROR",
+                          "runtime_env": {"worker_process_setup_hook": "workers.setup.setup"}}
+    try:
+        if address:
+            ray.init(address=address, **kw)
+        else:  # a local Ray, or the cluster of the Ray job this driver runs in; no CPU/GPU counts given
+            ray.init(include_dashboard=False, **kw)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(f"cannot connect to Ray at {address}: {str(e).strip().splitlines()[0]}", field="address") from None
+
+
+def submit(spec_path: Path, address: str, storage: str | None, tracking: str | None, study: str | None,
+           overrides: list[str], wait: bool, out: Callable[[str], None] = print) -> str:
+    """Submit `ssa-tune run SPEC` as a Ray job to a cluster (Ray Jobs); the spec's folder is the working dir."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    try:
+        client = JobSubmissionClient(address)
+    except Exception as e:
+        raise UserError(f"cannot reach the Ray Jobs API at {address}: {str(e).strip().splitlines()[0]}",
+                        field="--address") from None
+    parts = ["ssa-tune", "run", spec_path.name]
+    for flag, value in (("--storage", storage), ("--tracking-uri", tracking), ("--study", study)):
+        if value:
+            parts += [flag, value]
+    for o in overrides:
+        parts += ["--set", o]
+    import shlex
+
+    entrypoint = " ".join(shlex.quote(p) for p in parts)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(spec_path.parent)})
+    out(f"submitted {job_id}: {entrypoint.replace(storage or chr(0), st.redact(storage) if storage else '')}")
+    out(f"logs: ray job logs --address {address} {job_id} --follow")
+    if wait:
+        terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+        while (status := client.get_job_status(job_id)) not in terminal:
+            time.sleep(2)
+        out(f"{job_id}: {status.value}")
+        if status != JobStatus.SUCCEEDED:
+            raise UserError(f"job {job_id} ended {status.value}; see `ray job logs {job_id}`", field="--address")
+    return job_id
 
 
 def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: int | None = None,
