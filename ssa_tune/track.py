@@ -106,12 +106,15 @@ class Tracker:
                                      tags={ROLE: "study", STUDY: study, **tags})
         return run.info.run_id
 
-    def child_run(self, parent_id: str, study: str, number: int, params: dict[str, Any]) -> str:
+    def child_run(self, parent_id: str, study: str, number: int | None, params: dict[str, Any],
+                  role: str = "trial", tags: dict[str, Any] | None = None, name: str | None = None) -> str:
         from mlflow.entities import Param
 
-        run = _retry(self.client.create_run, self.experiment_id, run_name=f"trial-{number}",
-                     tags={PARENT: parent_id, ROLE: "trial", STUDY: study, TRIAL_NUMBER: str(number),
-                           STATE: "RUNNING"})
+        all_tags = {PARENT: parent_id, ROLE: role, STUDY: study, STATE: "RUNNING",
+                    **{k: str(v) for k, v in (tags or {}).items()}}
+        if number is not None:
+            all_tags[TRIAL_NUMBER] = str(number)
+        run = _retry(self.client.create_run, self.experiment_id, run_name=name or f"trial-{number}", tags=all_tags)
         items = [Param(k, _str(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
             _retry(self.client.log_batch, run.info.run_id, params=items[i:i + 100])

@@ -277,6 +277,7 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval) -> TrialResult:
             if step == total:  # end-of-trial measurements: held-out test split, decode latency
                 metrics.update(evaluate(model, dataset, "test", cfg.batch_size, device, amp))
                 metrics["latency_ms_per_token"] = decode_latency_ms(model, dataset, device, cfg.latency_tokens)
+                metrics["n_params"], metrics["ssa_params"] = n_params, ssa_params
             metrics["peak_mem_mb"] = _peak_memory_mb(device)
             metrics["seconds"] = time.perf_counter() - t_start
             history.append(metrics)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import socket
 import sys
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import study as st
+from optuna.trial import TrialState
+
 from .errors import UserError
 from .spec import JobSpec, validate
 from .trial import KEY_NUMBER, KEY_RUN, KEY_TRIAL_ID, execute, failure_reason, trial_params
@@ -419,3 +422,156 @@ def status(study, target: Target) -> dict[str, Any]:
             "params": dict(best.params),
         },
     }
+
+
+# ------------------------------------------------------------------------------------- robustness stage
+
+
+ROBUSTNESS_DEFAULTS = {"top_k": 3, "seeds": 3, "penalty": 1.0, "long_context": None, "noise": None, "constraint": False}
+ATTR_ROBUSTNESS = "ssa_tune.robustness"
+
+
+def _variant_spec(spec: JobSpec, dataset_override: dict | None) -> JobSpec:
+    """The spec with another dataset (an override with `kind` replaces it, one without is merged)."""
+    if not dataset_override:
+        return spec
+    dataset = dict(dataset_override) if "kind" in dataset_override else {**spec.dataset, **dataset_override}
+    raw = {**spec.raw, "dataset": dataset}
+    return validate(raw, spec.path, check_data=False)
+
+
+def _robust_job(spec_json: str, spec_path: str, params: dict, cpus: float, gpus: float, tracking: str,
+                run_id: str) -> dict:
+    spec = validate(json.loads(spec_json), spec_path, check_data=False)
+    try:
+        result = execute(spec, params, cpus, gpus, report=lambda m: None, tracking_uri=tracking, run_id=run_id)
+        return {"ok": True, "metrics": result.metrics}
+    except Exception as e:
+        return {"ok": False, "reason": failure_reason(e)}
+
+
+def run_robustness(study, spec: JobSpec, target: Target, out: Callable[[str], None] = print,
+                   address: str | None = None) -> dict[str, Any]:
+    """Re-train the top-k configs and the baseline with fresh seeds (in parallel on Ray), on the study's
+    dataset and on the optional long-context / noise variants; rank by the robust score."""
+    import ray
+
+    from . import analyse
+
+    r = {**ROBUSTNESS_DEFAULTS, **(spec.robustness or {})}
+    objective = spec.objectives[0]
+    top = analyse.pick_top(study, r["top_k"])
+    if not top:
+        raise UserError(f"study {study.study_name!r} has no complete trial to re-run", field="STUDY")
+    configs = {f"trial-{t.number}": dict(t.params) for t in top}
+    baseline_id = None
+    if spec.ssa is not None or any(p.name == "ssa.enabled" for p in spec.search):
+        sign = 1 if objective.direction == "minimize" else -1
+        base = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.params.get("ssa.enabled") is False and t.values]
+        if base:
+            b = min(base, key=lambda t: sign * t.values[0])
+            baseline_id = f"trial-{b.number}"
+            configs.setdefault(baseline_id, dict(b.params))
+        else:
+            baseline_id = "baseline"
+            configs[baseline_id] = spec.baseline_params()
+    seeds = [10_000 + i for i in range(int(r["seeds"]))]  # fresh seeds, never the study's own
+    variants = {"main": spec}
+    for name in ("long_context", "noise"):
+        if r.get(name):
+            variants[name] = _variant_spec(spec, r[name])
+    tracker = Tracker(target.tracking, study.study_name, target.workdir / "mlartifacts")
+    parent = study.user_attrs.get(st.ATTR_PARENT_RUN) or tracker.parent_run(study.study_name, None, {})
+    _init_ray(address, target.workdir)
+    cpus, gpus = float(spec.resources["cpus_per_trial"]), float(spec.resources["gpus_per_trial"])
+    task = ray.remote(_robust_job)
+    jobs, pending = [], []
+    for vname, vspec in variants.items():
+        vjson = json.dumps(vspec.raw, default=str)
+        for cid, params in configs.items():
+            for seed in seeds:
+                p = {**params, "train.seed": seed}
+                d, m, t, s = vspec.trial_config(p)
+                run_id = tracker.child_run(
+                    parent, study.study_name, None, trial_params(d, m, t, s), role="robustness",
+                    tags={"ssa_tune.config": cid, "ssa_tune.seed": seed, "ssa_tune.variant": vname},
+                    name=f"robust-{cid}-{vname}-s{seed}")
+                jobs.append({"config": cid, "variant": vname, "seed": seed, "run_id": run_id,
+                             "args": (vjson, spec.path, p, cpus, gpus, target.tracking, run_id)})
+    out(f"robustness: {len(configs)} configs x {len(seeds)} seeds x {len(variants)} variant(s) = {len(jobs)} runs")
+    results: dict[int, dict] = {}
+    limit = int(spec.resources["max_concurrent"])
+    queue = list(range(len(jobs)))
+    running: dict[Any, int] = {}
+    while queue or running:
+        while queue and len(running) < limit:
+            i = queue.pop(0)
+            running[task.options(num_cpus=cpus, num_gpus=gpus).remote(*jobs[i]["args"])] = i
+        done, _ = ray.wait(list(running), num_returns=1)
+        for ref in done:
+            i = running.pop(ref)
+            try:
+                results[i] = ray.get(ref)
+            except Exception as e:  # the worker died
+                results[i] = {"ok": False, "reason": f"worker died: {type(e).__name__}"}
+            j = jobs[i]
+            res = results[i]
+            state = "COMPLETE" if res["ok"] else "FAIL"
+            tracker.finish_trial(j["run_id"], state, res.get("reason"))
+            value = res["metrics"].get(objective.metric) if res["ok"] else None
+            out(f"  robust {j['config']:<10} {j['variant']:<12} seed {j['seed']}: {objective.metric}="
+                f"{_fmt(value)}" + ("" if res["ok"] else f" ({res['reason']})"))
+
+    def collect(variant: str, metric: str) -> dict[str, list]:
+        table: dict[str, list] = {cid: [] for cid in configs}
+        for i, j in enumerate(jobs):
+            if j["variant"] == variant:
+                res = results[i]
+                table[j["config"]].append(res["metrics"].get(metric) if res["ok"] else None)
+        return table
+
+    main = collect("main", objective.metric)
+    summary = analyse.robust_summary(main, objective.direction, float(r["penalty"]))
+    long_metric = None
+    flags: dict[str, bool] = {}
+    long_table: dict[str, list] = {}
+    if "long_context" in variants:
+        probe = _variant_spec(spec, r["long_context"])
+        long_metric = "passkey_acc" if probe.dataset["kind"] == "passkey" else "val_acc"
+        long_table = collect("long_context", long_metric)
+    elif spec.dataset["kind"] == "passkey":
+        long_metric, long_table = "passkey_acc", collect("main", "passkey_acc")
+    if long_table and baseline_id:
+        flags = analyse.long_range_flags(long_table, baseline_id)
+    noise_table = collect("noise", objective.metric) if "noise" in variants else {}
+    eligible = [c for c in summary if summary[c]["score"] is not None and not (r["constraint"] and flags.get(c))]
+    winner = eligible[0] if eligible else None
+    costs = {}
+    ssa_ids = [c for c in summary if configs[c].get("ssa.enabled", spec.ssa is not None) and summary[c]["score"] is not None]
+    best_ssa = ssa_ids[0] if ssa_ids else None
+    verdict = None
+    if baseline_id and best_ssa:
+        for metric in ("latency_ms_per_token", "peak_mem_mb", "n_params", "tokens_per_s"):
+            s_vals = [v for v in collect("main", metric)[best_ssa] if v is not None]
+            b_vals = [v for v in collect("main", metric)[baseline_id] if v is not None]
+            if s_vals and b_vals:
+                costs[metric] = {"ssa": statistics.fmean(s_vals), "baseline": statistics.fmean(b_vals)}
+        verdict = analyse.verdict(main[best_ssa], main[baseline_id], objective.direction, objective.metric, costs)
+        verdict["ssa_config"], verdict["baseline_config"] = best_ssa, baseline_id
+    report = {
+        "objective": objective.metric, "direction": objective.direction, "penalty": float(r["penalty"]),
+        "seeds": seeds, "configs": configs, "baseline": baseline_id, "summary": summary,
+        "rank_stability_kendall_tau": analyse.rank_stability(main),
+        "long_context": {"metric": long_metric, "values": long_table, "flagged": flags,
+                         "constraint": bool(r["constraint"])} if long_metric else None,
+        "noise": {"metric": objective.metric, "values": noise_table} if noise_table else None,
+        "winner": winner, "best_ssa": best_ssa, "verdict": verdict,
+    }
+    study.set_user_attr(ATTR_ROBUSTNESS, json.loads(json.dumps(report, default=str)))
+    if winner:
+        w = summary[winner]
+        out(f"robust winner: {winner} ({objective.metric} {w['mean']:.4f} +- {w['std']:.4f} over {w['seeds']} seeds)")
+    if verdict:
+        out(f"verdict: {verdict['answer']}")
+    return report

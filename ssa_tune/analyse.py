@@ -1,0 +1,200 @@
+"""Per-dataset answers from a finished study: importances with intervals, robustness, the SSA verdict.
+
+Pure functions over trials and numbers (Optuna's importance evaluators and SciPy's statistics); running the
+extra trainings is `tune.run_robustness`, drawing is `report`.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from itertools import combinations
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from .spec import SSA_SWITCH
+
+EVALUATORS = ("fanova", "ped_anova")
+
+
+# ------------------------------------------------------------------------------------------ importances
+
+
+def _evaluator(kind: str, seed: int):
+    from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
+
+    if kind == "fanova":
+        return FanovaImportanceEvaluator(seed=seed)
+    return PedAnovaImportanceEvaluator()
+
+
+def _groups(trials: list[FrozenTrial]) -> list[tuple[str, list[FrozenTrial]]]:
+    """Importances need every trial to carry the same params; with the conditional ssa.* params that means
+    two groups: all trials (the params every trial has) and the SSA trials (their ssa.* knobs too)."""
+    groups = [("all trials", trials)]
+    ssa = [t for t in trials if t.params.get(SSA_SWITCH) is True]
+    if any(SSA_SWITCH in t.params for t in trials) and len(ssa) < len(trials):
+        groups.append(("SSA trials", ssa))
+    return groups
+
+
+def _varying_common_params(trials: list[FrozenTrial]) -> list[str]:
+    common = set.intersection(*(set(t.params) for t in trials)) if trials else set()
+    return sorted(p for p in common if len({repr(t.params[p]) for t in trials}) > 1)
+
+
+def importances(study: optuna.Study, objective: int = 0, repeats: int = 12, seed: int = 0,
+                evaluators: Sequence[str] = EVALUATORS, min_trials: int = 4) -> dict[str, dict[str, dict]]:
+    """{evaluator -> {param -> {mean, low, high, group, n_trials}}}: each evaluator repeated on bootstrap
+    resamples of the complete trials (fANOVA also with a fresh forest seed), so every importance comes
+    with a 90 % interval instead of one number that changes between calls."""
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.values is not None and math.isfinite(t.values[objective])]
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict[str, dict]] = {e: {} for e in evaluators}
+    for group, members in _groups(trials):
+        params = _varying_common_params(members)
+        if len(members) < min_trials or not params:
+            continue
+        samples: dict[str, dict[str, list[float]]] = {e: {p: [] for p in params} for e in evaluators}
+        for r in range(repeats):
+            idx = rng.integers(0, len(members), len(members))
+            resampled = [members[i] for i in idx]
+            if not _varying_common_params(resampled):
+                continue
+            tmp = optuna.create_study(directions=study.directions)
+            tmp.add_trials(resampled)
+            for e in evaluators:
+                try:
+                    imp = optuna.importance.get_param_importances(
+                        tmp, evaluator=_evaluator(e, seed + r), params=params,
+                        target=lambda t, i=objective: t.values[i])
+                except (RuntimeError, ValueError, ZeroDivisionError):
+                    continue  # e.g. a resample where every value is equal
+                for p in params:
+                    v = imp.get(p, 0.0)
+                    samples[e][p].append(float(v) if math.isfinite(v) else 0.0)
+        for e in evaluators:
+            for p, vals in samples[e].items():
+                if not vals or p in out[e]:  # a param of both groups keeps the all-trials estimate
+                    continue
+                out[e][p] = {"mean": float(np.mean(vals)), "low": float(np.percentile(vals, 5)),
+                             "high": float(np.percentile(vals, 95)), "group": group, "n_trials": len(members),
+                             "repeats": len(vals)}
+    for e in evaluators:
+        out[e] = dict(sorted(out[e].items(), key=lambda kv: -kv[1]["mean"]))
+    return out
+
+
+def top_pairs(imp: dict[str, dict], k: int = 2) -> list[tuple[str, str]]:
+    """The most important parameter pairs (by the product of their mean importances), for contour plots."""
+    names = list(imp)[:4]
+    pairs = sorted(combinations(names, 2), key=lambda ab: -imp[ab[0]]["mean"] * imp[ab[1]]["mean"])
+    return pairs[:k]
+
+
+# ------------------------------------------------------------------------------------------ robustness
+
+
+def robust_summary(results: dict[str, list[float]], direction: str, penalty: float = 1.0) -> dict[str, dict]:
+    """Per config: mean, std over seeds and the robust score mean - penalty*std (as a loss: mean + penalty*std
+    when minimising), ranked best first."""
+    sign = 1.0 if direction == "minimize" else -1.0
+    rows = {}
+    for cid, values in results.items():
+        vals = [v for v in values if v is not None and math.isfinite(v)]
+        if not vals:
+            rows[cid] = {"mean": None, "std": None, "seeds": len(values), "values": list(values), "score": None}
+            continue
+        mean = statistics.fmean(vals)
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        score = mean + penalty * std if sign > 0 else mean - penalty * std
+        rows[cid] = {"mean": mean, "std": std, "seeds": len(vals), "values": list(values), "score": score}
+    ranked = sorted(rows, key=lambda c: (rows[c]["score"] is None, sign * (rows[c]["score"] or 0.0)))
+    for rank, cid in enumerate(ranked, 1):
+        rows[cid]["rank"] = rank
+    return {cid: rows[cid] for cid in ranked}
+
+
+def rank_stability(results: dict[str, list[float]]) -> float | None:
+    """Mean Kendall tau between the config rankings of every pair of seeds (1 = the same order every seed)."""
+    from scipy.stats import kendalltau
+
+    ids = [c for c, v in results.items() if v and all(x is not None and math.isfinite(x) for x in v)]
+    if len(ids) < 2:
+        return None
+    n_seeds = min(len(results[c]) for c in ids)
+    taus = []
+    for a, b in combinations(range(n_seeds), 2):
+        tau = kendalltau([results[c][a] for c in ids], [results[c][b] for c in ids]).statistic
+        if tau is not None and math.isfinite(tau):
+            taus.append(float(tau))
+    return statistics.fmean(taus) if taus else None
+
+
+def difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
+    """mean(a) - mean(b) with a Welch t confidence interval over seeds."""
+    from scipy import stats
+
+    a = [x for x in a if x is not None and math.isfinite(x)]
+    b = [x for x in b if x is not None and math.isfinite(x)]
+    if not a or not b:
+        return {"diff": None, "low": None, "high": None, "n": [len(a), len(b)]}
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    va = statistics.variance(a) / len(a) if len(a) > 1 else 0.0
+    vb = statistics.variance(b) / len(b) if len(b) > 1 else 0.0
+    se = math.sqrt(va + vb)
+    if se == 0 or len(a) < 2 or len(b) < 2:
+        return {"diff": diff, "low": diff, "high": diff, "n": [len(a), len(b)]}
+    dof = (va + vb) ** 2 / ((va**2 / (len(a) - 1) if len(a) > 1 else 0) + (vb**2 / (len(b) - 1) if len(b) > 1 else 0))
+    half = stats.t.ppf(0.5 + confidence / 2, dof) * se
+    return {"diff": diff, "low": diff - half, "high": diff + half, "n": [len(a), len(b)], "confidence": confidence}
+
+
+def verdict(ssa: Sequence[float], baseline: Sequence[float], direction: str, metric: str,
+            costs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Does SSA help on this dataset? The objective difference SSA - baseline with its interval, in words."""
+    d = difference(ssa, baseline)
+    better_sign = -1.0 if direction == "minimize" else 1.0
+    if d["diff"] is None:
+        answer = "undecided: no finished runs of both SSA and the baseline"
+    elif d["low"] is not None and d["low"] > 0 or d["high"] is not None and d["high"] < 0:
+        helps = (d["diff"] * better_sign) > 0
+        answer = (f"SSA {'helps' if helps else 'hurts'}: {metric} {'-' if d['diff'] < 0 else '+'}"
+                  f"{abs(d['diff']):.4g} vs the baseline, and the {int(100 * d.get('confidence', 0.95))} % "
+                  "interval over seeds excludes 0")
+    else:
+        answer = (f"no clear difference: {metric} SSA - baseline = {d['diff']:+.4g}, interval "
+                  f"[{d['low']:+.4g}, {d['high']:+.4g}] contains 0")
+    return {"metric": metric, "direction": direction, "ssa_minus_baseline": d, "answer": answer,
+            "costs": costs or {}}
+
+
+def long_range_flags(long: dict[str, list[float]], baseline_id: str, tolerance: float = 0.0) -> dict[str, bool]:
+    """True for a config whose mean long-context accuracy falls below the baseline's (minus tolerance)."""
+    base = [v for v in long.get(baseline_id, []) if v is not None]
+    if not base:
+        return {}
+    ref = statistics.fmean(base) - tolerance
+    return {cid: (statistics.fmean(v) < ref) for cid, v in long.items() if cid != baseline_id and v}
+
+
+def pick_top(study: optuna.Study, k: int, objective: int = 0) -> list[FrozenTrial]:
+    """The k best COMPLETE trials with distinct params."""
+    sign = 1.0 if study.directions[objective] == optuna.study.StudyDirection.MINIMIZE else -1.0
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.values and math.isfinite(t.values[objective])]
+    done.sort(key=lambda t: sign * t.values[objective])
+    seen, out = set(), []
+    for t in done:
+        key = repr(sorted(t.params.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(t)
+        if len(out) == k:
+            break
+    return out
