@@ -46,13 +46,23 @@ def _varying_common_params(trials: list[FrozenTrial]) -> list[str]:
     return sorted(p for p in common if len({repr(t.params[p]) for t in trials}) > 1)
 
 
+def _quiet() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # PED-ANOVA's reminder that it looks for low targets; `target` is already signed for the direction
+    warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes the importances")
+
+
 def importances(study: optuna.Study, objective: int = 0, repeats: int = 12, seed: int = 0,
                 evaluators: Sequence[str] = EVALUATORS, min_trials: int = 4) -> dict[str, dict[str, dict]]:
     """{evaluator -> {param -> {mean, low, high, group, n_trials}}}: each evaluator repeated on bootstrap
     resamples of the complete trials (fANOVA also with a fresh forest seed), so every importance comes
     with a 90 % interval instead of one number that changes between calls."""
+    _quiet()
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if t.values is not None and math.isfinite(t.values[objective])]
+    sign = -1.0 if study.directions[objective] == optuna.study.StudyDirection.MAXIMIZE else 1.0
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, dict]] = {e: {} for e in evaluators}
     for group, members in _groups(trials):
@@ -65,13 +75,13 @@ def importances(study: optuna.Study, objective: int = 0, repeats: int = 12, seed
             resampled = [members[i] for i in idx]
             if not _varying_common_params(resampled):
                 continue
-            tmp = optuna.create_study(directions=study.directions)
+            tmp = optuna.create_study(directions=["minimize"] * len(study.directions))
             tmp.add_trials(resampled)
             for e in evaluators:
                 try:
                     imp = optuna.importance.get_param_importances(
                         tmp, evaluator=_evaluator(e, seed + r), params=params,
-                        target=lambda t, i=objective: t.values[i])
+                        target=lambda t, i=objective: sign * t.values[i])
                 except (RuntimeError, ValueError, ZeroDivisionError):
                     continue  # e.g. a resample where every value is equal
                 for p in params:
@@ -144,12 +154,13 @@ def difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95)
     if not a or not b:
         return {"diff": None, "low": None, "high": None, "n": [len(a), len(b)]}
     diff = statistics.fmean(a) - statistics.fmean(b)
-    va = statistics.variance(a) / len(a) if len(a) > 1 else 0.0
-    vb = statistics.variance(b) / len(b) if len(b) > 1 else 0.0
+    if len(a) < 2 or len(b) < 2:  # no spread to estimate: no interval, no claim
+        return {"diff": diff, "low": None, "high": None, "n": [len(a), len(b)]}
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     se = math.sqrt(va + vb)
-    if se == 0 or len(a) < 2 or len(b) < 2:
-        return {"diff": diff, "low": diff, "high": diff, "n": [len(a), len(b)]}
-    dof = (va + vb) ** 2 / ((va**2 / (len(a) - 1) if len(a) > 1 else 0) + (vb**2 / (len(b) - 1) if len(b) > 1 else 0))
+    if se == 0:
+        return {"diff": diff, "low": diff, "high": diff, "n": [len(a), len(b)], "confidence": confidence}
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     half = stats.t.ppf(0.5 + confidence / 2, dof) * se
     return {"diff": diff, "low": diff - half, "high": diff + half, "n": [len(a), len(b)], "confidence": confidence}
 
@@ -161,6 +172,9 @@ def verdict(ssa: Sequence[float], baseline: Sequence[float], direction: str, met
     better_sign = -1.0 if direction == "minimize" else 1.0
     if d["diff"] is None:
         answer = "undecided: no finished runs of both SSA and the baseline"
+    elif d["low"] is None:
+        answer = (f"undecided: {metric} SSA - baseline = {d['diff']:+.4g}, but with {d['n'][0]} SSA and "
+                  f"{d['n'][1]} baseline runs there is no interval (at least 2 of each are needed)")
     elif d["low"] is not None and d["low"] > 0 or d["high"] is not None and d["high"] < 0:
         helps = (d["diff"] * better_sign) > 0
         answer = (f"SSA {'helps' if helps else 'hurts'}: {metric} {'-' if d['diff'] < 0 else '+'}"

@@ -97,7 +97,7 @@ class SSATemperatures(nn.Module):
     def __init__(self, d_model: int, n_heads: int, cfg: SSAConfig):
         super().__init__()
         self.cfg = cfg
-        self.n_heads = n_heads
+        self.d_model, self.n_heads = d_model, n_heads
         head_dim = d_model // n_heads
         g = n_heads if cfg.per_head else 1
         if cfg.query_position != "none":
@@ -109,9 +109,71 @@ class SSATemperatures(nn.Module):
             nn.init.zeros_(self.gate_proj.weight)
             nn.init.zeros_(self.gate_proj.bias)
         # Shared gates reuse the head's own projected vector: f = u_h . q_h (about d_model parameters).
-        for n in ("q", "v", "k"):
-            if getattr(cfg, _GATE_FIELD[n]) == "shared":
-                self.register_parameter(f"u_{n}", nn.Parameter(torch.zeros(g, head_dim)))
+        self.shared_gates = [n for n in ("q", "v", "k") if getattr(cfg, _GATE_FIELD[n]) == "shared"]
+        for n in self.shared_gates:
+            self.register_parameter(f"u_{n}", nn.Parameter(torch.zeros(g, head_dim)))
+        # the q/k/v slots holding a shared gate, as a slice (any subset of 3 slots is an arithmetic range)
+        slots = sorted(_QKV.index(n) for n in self.shared_gates)
+        step = slots[1] - slots[0] if len(slots) > 1 else 1
+        self._shared_slots = slice(slots[0], slots[-1] + 1, step) if slots else slice(0, 0)
+
+    @property
+    def has_token_gates(self) -> bool:
+        return bool(self.linear_gates or self.shared_gates)
+
+    def fused_projection(self, qkv: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[str, int]]]:
+        """Weight and bias of `qkv` extended with rows that output every token gate's pre-tanh value f.
+
+        A shared gate is linear in x: f = u_h . q_h = u_h . (W_h x + b_h) = (W_h^T u_h) . x + u_h . b_h, so its
+        rows are W_h^T u_h (H rows, one per head, also when u is shared across heads). Linear gates are rows
+        already. The gates then cost a few extra output columns of the qkv matmul instead of passes over
+        q, k and v, which dominate on a memory-bound CPU. Returns (weight, bias, [(gate, width), ...]) where
+        the gate columns follow the 3*d_model q, k, v columns in that order.
+        """
+        W, b = qkv.weight, qkv.bias
+        C, H = self.d_model, self.n_heads
+        hd = C // H
+        rows: list[torch.Tensor] = [W]
+        biases: list[torch.Tensor | None] = [b]
+        layout: list[tuple[str, int]] = []
+        if self.linear_gates:
+            rows.append(self.gate_proj.weight)
+            biases.append(self.gate_proj.bias)
+            g = self.gate_proj.out_features // len(self.linear_gates)
+            layout += [(n, g) for n in self.linear_gates]
+        if self.shared_gates:
+            # Every shared gate in one batched product over W viewed as (q|k|v, H, hd, d_model); a slot without
+            # a shared gate gets u = 0 and is sliced off afterwards (slicing W itself would cost a weight-sized
+            # zero-fill and copy per gate in the backward pass).
+            zero = W.new_zeros(H, hd)
+            U = torch.stack([getattr(self, f"u_{n}").expand(H, hd) if n in self.shared_gates else zero
+                             for n in _QKV])  # (3, H, hd)
+            sl = self._shared_slots
+            rows.append((U.unsqueeze(2) @ W.view(3, H, hd, -1)).squeeze(2)[sl].reshape(-1, W.shape[1]))
+            biases.append(None if b is None else (b.view(3, H, hd) * U).sum(-1)[sl].reshape(-1))
+            layout += [(n, H) for n in _QKV[sl]]
+        weight = torch.cat(rows)
+        bias = None
+        if any(x is not None for x in biases):
+            bias = torch.cat([r.new_zeros(r.shape[0]) if x is None else x for r, x in zip(rows, biases)])
+        return weight, bias, layout
+
+    def fused_scales(self, f: torch.Tensor | None, layout: list[tuple[str, int]], offset: int, T: int,
+                     n_keys: int | None, device, dtype):
+        """(tau_q, tau_k, tau_v) from the gate columns f (B, T, sum of widths) of `fused_projection`."""
+        gates: dict[str, torch.Tensor] = {}
+        if f is not None:
+            a_tanh = self.cfg.token_scale * torch.tanh(f)  # one tanh for every gate
+            start = 0
+            for name, width in layout:
+                gates[name] = a_tanh[..., start:start + width].transpose(1, 2).unsqueeze(-1)  # (B, g, T, 1)
+                start += width
+        tq = self.position(offset, T, n_keys, device, dtype)
+        if "q" in gates:
+            tq = gates["q"] + (1.0 if tq is None else tq)
+        tk = 1.0 + gates["k"] if "k" in gates else None
+        tv = 1.0 + gates["v"] if "v" in gates else None
+        return tq, tk, tv
 
     def gate_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pre-tanh gate values f of the linear gates, each (B, g, T)."""
@@ -146,7 +208,10 @@ class SSATemperatures(nn.Module):
         return (1.0 + c[:, None] * n.log()[None, :]).to(dtype).unsqueeze(-1)
 
     def scales(self, x, q, k, v, offset: int, n_keys: int | None):
-        """The inverse temperatures (tau_q, tau_k, tau_v), each broadcastable to (B, H, T, 1) or None."""
+        """The inverse temperatures (tau_q, tau_k, tau_v), each broadcastable to (B, H, T, 1) or None.
+
+        The direct form of the formulas (gates read q, k, v themselves): `reference_attention` uses it; the
+        layer's fast path computes the same values through `fused_projection` / `fused_scales`."""
         B, _, T, _ = q.shape
         lin = self.gate_logits(x)
         tq = self.position(offset, T, n_keys, q.device, q.dtype)
@@ -159,6 +224,7 @@ class SSATemperatures(nn.Module):
 
 
 _GATE_FIELD = {"q": "query_gate", "v": "value_gate", "k": "key_gate"}
+_QKV = ("q", "k", "v")  # the order of the qkv projection's outputs
 
 
 # ------------------------------------------------------------------------------------------ the layer
@@ -206,14 +272,21 @@ class SelectiveSelfAttention(nn.Module):
                 n_keys: int | None):
         """q, k, v (B, H, T, hd) with rotary applied and every SSA temperature folded in; also the taus."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        temps = self.temps
+        f, layout = None, []
+        if temps is not None and temps.has_token_gates:
+            weight, bias, layout = temps.fused_projection(self.qkv)
+            # one split (not two nested ones): the backward then assembles the gradient with a single cat
+            q, k, v, f = F.linear(x, weight, bias).split((C, C, C, weight.shape[0] - 3 * C), dim=2)
+        else:
+            q, k, v = self.qkv(x).split(C, dim=2)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         taus = (None, None, None)
-        if self.temps is not None:
+        if temps is not None:
             # gates read the content vectors before rotation, so they depend on content, not position
-            taus = self.temps.scales(x, q, k, v, offset, n_keys)
+            taus = temps.fused_scales(f, layout, offset, T, n_keys, x.device, x.dtype)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos[offset:offset + T], sin[offset:offset + T]), apply_rope(k, cos[offset:offset + T], sin[offset:offset + T])
@@ -278,7 +351,8 @@ class SelectiveSelfAttention(nn.Module):
             kk = min(4, n_keys)
             tq, _, tv = taus
             self.stats = {
-                "entropy": ent_norm.detach().flatten(),
+                # H/log(n) <= 1 in exact arithmetic; rounding can put a uniform row a hair above 1
+                "entropy": ent_norm.detach().clamp(0.0, 1.0).flatten(),
                 "topk_mass": p.topk(kk, dim=-1).values.sum(-1).detach().flatten(),
                 "tau_q": (tq.expand(q.shape[0], -1, -1, -1)[:, :, rows] if tq is not None
                           else torch.ones(1, device=q.device)).detach().float().flatten(),

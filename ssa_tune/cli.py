@@ -132,6 +132,25 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
 
     say = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
     summary = run_study(s, target, resume=resume, n_trials=trials, address=address, out=say)
+    if s.robustness is not None and summary["best"] is not None:
+        import optuna
+
+        from . import study as st
+        from .tune import run_robustness
+
+        loaded = optuna.load_study(study_name=summary["study"], storage=st.open_storage(target.storage))
+        run_robustness(loaded, s, target, out=say, address=address)
+        report_dir = target.workdir / "reports" / loaded.study_name
+        if as_json:
+            from .report import build, log_to_mlflow
+
+            rep = build(loaded, target, report_dir)
+            log_to_mlflow(loaded, target, report_dir, rep)
+            summary["report"] = str(report_dir / "report.html")
+            summary["verdict"] = (rep.get("verdict") or {}).get("answer")
+            summary["winner"] = rep.get("winner")
+        else:
+            _write_report(loaded, target, report_dir)
     if as_json:
         _print_json(summary)
         return
@@ -293,6 +312,47 @@ def export(study: Annotated[str, typer.Argument(help="Study name.")],
     path, info = export_best(loaded, target, output)
     typer.echo(f"wrote {path}: trial #{info['trial']} ({info['winner']}); "
                f"use: ssa_tune.convert(model, ssa_tune.load_config({str(path)!r}))")
+
+
+@app.command()
+@_edge
+def robustness(study: Annotated[str, typer.Argument(help="Study name.")], workdir: Workdir = None,
+               storage: Storage = None, tracking_uri: Tracking = None,
+               address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address.")] = None,
+               report_dir: Annotated[Optional[Path], typer.Option("--report", help="Also write the report here.")] = None):
+    """Re-train the study's top configs and the baseline with fresh seeds; pick the robust winner."""
+    from . import study as st
+    from .spec import validate as validate_spec
+    from .tune import run_robustness
+
+    loaded, target = _open(study, workdir, storage, tracking_uri)
+    s = validate_spec(st.study_spec(loaded), loaded.user_attrs.get(st.ATTR_SPEC_PATH, study), check_data=False)
+    run_robustness(loaded, s, target, out=typer.echo, address=address)
+    if report_dir is not None:
+        _write_report(loaded, target, report_dir)
+
+
+def _write_report(loaded, target, out_dir: Path) -> None:
+    from .report import build, log_to_mlflow
+
+    out_dir = out_dir.resolve()
+    rep = build(loaded, target, out_dir)
+    log_to_mlflow(loaded, target, out_dir, rep)
+    v = rep.get("verdict")
+    typer.echo(f"report: {out_dir / 'report.html'} (+ report.json, {', '.join(f for f in rep['files'] if f.endswith('.png'))}); "
+               f"logged to the study's MLflow run")
+    if v:
+        typer.echo(f"verdict: {v['answer']}")
+
+
+@app.command()
+@_edge
+def report(study: Annotated[str, typer.Argument(help="Study name.")],
+           output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Folder (default WORKDIR/reports/STUDY).")] = None,
+           workdir: Workdir = None, storage: Storage = None, tracking_uri: Tracking = None):
+    """Write the study report (HTML, JSON, PNGs): importances, robustness, long-range guard, SSA verdict."""
+    loaded, target = _open(study, workdir, storage, tracking_uri)
+    _write_report(loaded, target, output or target.workdir / "reports" / loaded.study_name)
 
 
 @app.command()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -211,6 +213,29 @@ def _normalise_layers(layers: Any) -> LayerSpec:
 EXPORT_SECTIONS = frozenset({"model", "train", "dataset", "metrics", "study", "trial", "robustness", "source"})
 
 
+@lru_cache(maxsize=None)
+def _yaml_loader() -> type:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that also reads floats written without a dot (`1e-3`, `5E+1`) as numbers."""
+
+    Loader.add_implicit_resolver(  # copies the inherited resolver table: yaml.SafeLoader is unchanged
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return Loader
+
+
+def _yaml_load(text: str) -> Any:
+    """yaml.safe_load, except that `1e-3` is a float as in YAML 1.2 and JSON: PyYAML follows YAML 1.1 and
+    would hand it over as the string '1e-3', failing a hand-written config with a confusing message."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+
+
 def _dump(data: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
@@ -247,9 +272,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import yaml
-
-            data = yaml.safe_load(text)
+            data = _yaml_load(text)
     except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {first}") from None

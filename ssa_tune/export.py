@@ -15,8 +15,20 @@ from .spec import validate
 IDENTITY = SSAConfig(query_position="none")
 
 
+def _robust_winner(study):
+    """The robustness stage's winner (trial, summary row) when it ran and chose one."""
+    from .tune import ATTR_ROBUSTNESS
+
+    rob = study.user_attrs.get(ATTR_ROBUSTNESS)
+    if not rob or not rob.get("winner") or not str(rob["winner"]).startswith("trial-"):
+        return None, rob
+    number = int(rob["winner"].split("-", 1)[1])
+    return study.trials[number], rob
+
+
 def export_best(study, target, path: Path, trial=None) -> tuple[Path, dict[str, Any]]:
-    t = trial or st.best_trial(study)
+    rt, rob = _robust_winner(study)
+    t = trial or rt or st.best_trial(study)
     if t is None:
         raise UserError(f"study {study.study_name!r} has no complete trial to export", field="STUDY")
     spec = validate(st.study_spec(study), study.user_attrs.get(st.ATTR_SPEC_PATH, study.study_name), check_data=False)
@@ -40,6 +52,16 @@ def export_best(study, target, path: Path, trial=None) -> tuple[Path, dict[str, 
     source = {"winner": winner,
               "note": "SSA settings of the best trial" if winner == "ssa" else
               "the baseline (plain attention) beat every SSA setting; this SSAConfig is the identity"}
+    if rt is not None and t is rt:
+        row = rob["summary"][f"trial-{t.number}"]
+        source["selected_by"] = (f"robust score over {row['seeds']} fresh seeds: {rob['objective']} "
+                                 f"{row['mean']:.6g} +- {row['std']:.6g} (penalty {rob['penalty']})")
+        metrics = {**metrics, f"robust_{rob['objective']}_mean": row["mean"], f"robust_{rob['objective']}_std": row["std"]}
+        lc = rob.get("long_context") or {}
+        if lc.get("flagged", {}).get(f"trial-{t.number}"):
+            source["long_range_guard"] = "below the baseline's long-context accuracy (constraint off)"
+    else:
+        source["selected_by"] = "best search objective (one seed; no robustness stage ran)"
     path = save_config(ssa or IDENTITY, path, model=model.to_dict(), train=train.to_dict(), dataset=dataset,
                        metrics=metrics, study=info, source=source)
     return path, {"trial": t.number, "winner": winner}

@@ -1,0 +1,1 @@
+"""Report templates and their static assets (code-free): read by ssa_tune.report."""

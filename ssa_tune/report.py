@@ -1,0 +1,305 @@
+"""The study report: one offline HTML page (plotly.js embedded), report.json with every number in it, and
+PNGs of the main plots — written to a folder and logged as artifacts of the study's parent MLflow run."""
+
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from string import Template
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from . import analyse
+from . import study as st
+from .spec import SSA_SWITCH, validate
+from .tune import ATTR_ROBUSTNESS, Target
+
+
+def _fmt(v, digits=4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return "–" if not math.isfinite(v) else f"{v:.{digits}g}"
+    return html.escape(str(v))
+
+
+def _table(header: list[str], rows: list[list[Any]], classes: list[str] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for i, row in enumerate(rows):
+        cls = f' class="{classes[i]}"' if classes and classes[i] else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{c if isinstance(c, str) and c.startswith('<') else _fmt(c)}</td>"
+                                            for c in row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _config_label(params: dict) -> str:
+    if params.get(SSA_SWITCH) is False:
+        return "baseline (no SSA)"
+    keep = {k.removeprefix("ssa."): v for k, v in params.items() if k != SSA_SWITCH}
+    return ", ".join(f"{k}={_fmt(v, 3)}" for k, v in keep.items())
+
+
+def build(study: optuna.Study, target: Target, out_dir: Path, repeats: int = 12) -> dict[str, Any]:
+    """Compute everything and write report.html, report.json and the PNGs; returns the report dict."""
+    spec = validate(st.study_spec(study), study.user_attrs.get(st.ATTR_SPEC_PATH, study.study_name), check_data=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    imps = {o.metric: analyse.importances(study, i, repeats=repeats) for i, o in enumerate(spec.objectives)}
+    robust = study.user_attrs.get(ATTR_ROBUSTNESS)
+    counts = st.counts(study)
+    best = st.best_trial(study)
+    objective = spec.objectives[0]
+    verdict = (robust or {}).get("verdict") or _search_verdict(study, objective)
+    report = {
+        "study": study.study_name,
+        "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dataset": spec.dataset, "objectives": [{"metric": o.metric, "direction": o.direction} for o in spec.objectives],
+        "trials": counts,
+        "best_trial": None if best is None else {"number": best.number, "values": best.values, "params": best.params},
+        "importances": {m: {p: {k: v[k] for k in ("mean", "low", "high")} | {"group": v["group"]}
+                            for p, v in imp.get("fanova", {}).items()} for m, imp in imps.items()},
+        "importances_by_evaluator": imps,
+        "robustness": {} if not robust else {
+            cid: {"mean": row["mean"], "std": row["std"], "seeds": row["values"], "score": row["score"],
+                  "rank": row["rank"], "params": robust["configs"][cid]}
+            for cid, row in robust["summary"].items()},
+        "rank_stability_kendall_tau": (robust or {}).get("rank_stability_kendall_tau"),
+        "winner": (robust or {}).get("winner") or (None if best is None else f"trial-{best.number}"),
+        "winner_selected_by": "robust score (mean + penalty x std over fresh seeds)" if robust else "search objective (single seed)",
+        "long_context": (robust or {}).get("long_context"),
+        "noise": (robust or {}).get("noise"),
+        "verdict": verdict,
+    }
+    pngs = _pngs(study, report, out_dir)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out_dir / "report.html").write_text(_html(study, spec, report, imps))
+    report["files"] = ["report.html", "report.json", *pngs]
+    return report
+
+
+def _search_verdict(study: optuna.Study, objective) -> dict | None:
+    """Without a robustness stage: SSA vs baseline from the search's own trials (different settings, one seed
+    each) — weaker evidence, and it says so."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
+    ssa = [t.values[0] for t in done if t.params.get(SSA_SWITCH) is True]
+    base = [t.values[0] for t in done if t.params.get(SSA_SWITCH) is False]
+    if not ssa or not base:
+        return None
+    v = analyse.verdict(ssa, base, objective.direction, objective.metric)
+    v["answer"] += " (search trials with different settings, one seed each; run the robustness stage for a firm answer)"
+    return v
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def _importance_figure(imp: dict[str, dict], title: str):
+    import plotly.graph_objects as go
+
+    names = list(imp)[::-1]
+    means = [imp[n]["mean"] for n in names]
+    fig = go.Figure(go.Bar(
+        x=means, y=names, orientation="h", marker_color="#0969da",
+        error_x=dict(type="data", symmetric=False, array=[imp[n]["high"] - imp[n]["mean"] for n in names],
+                     arrayminus=[imp[n]["mean"] - imp[n]["low"] for n in names]),
+        hovertext=[f"{imp[n]['group']}, {imp[n]['n_trials']} trials" for n in names]))
+    fig.update_layout(title=title, xaxis_title="importance (normalised)", height=120 + 36 * len(names),
+                      margin=dict(l=10, r=10, t=40, b=40))
+    return fig
+
+
+def _robustness_figure(report: dict):
+    import plotly.graph_objects as go
+
+    rob = report["robustness"]
+    ids = list(rob)
+    fig = go.Figure(go.Bar(
+        x=ids, y=[rob[c]["mean"] for c in ids], error_y=dict(type="data", array=[rob[c]["std"] or 0 for c in ids]),
+        marker_color=["#1a7f37" if c == report["winner"] else "#8c959f" for c in ids],
+        hovertext=[_config_label(rob[c]["params"]) for c in ids]))
+    for c in ids:
+        fig.add_trace(go.Scatter(x=[c] * len(rob[c]["seeds"]), y=rob[c]["seeds"], mode="markers",
+                                 marker=dict(color="#1f2328", size=7), showlegend=False))
+    fig.update_layout(title="re-trained with fresh seeds: mean ± std (dots: seeds)", yaxis_title=report["objectives"][0]["metric"],
+                      showlegend=False, height=380, margin=dict(l=10, r=10, t=40, b=40))
+    return fig
+
+
+def _div(fig, cls: str = "plot") -> str:
+    return f'<div class="{cls}">{fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})}</div>'
+
+
+def _search_figures(study: optuna.Study, spec, imps) -> list[str]:
+    from optuna import visualization as vis
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    figs = []
+    if len(spec.objectives) > 1:
+        if len(done) >= 1:
+            figs.append(_div(vis.plot_pareto_front(study, target_names=[o.metric for o in spec.objectives]), "plot wide"))
+        return figs
+    figs.append(_div(vis.plot_optimization_history(study, target_name=spec.objectives[0].metric)))
+    if any(t.intermediate_values for t in study.trials):
+        figs.append(_div(vis.plot_intermediate_values(study)))
+    imp = imps.get(spec.objectives[0].metric, {}).get("fanova", {})
+    for a, b in analyse.top_pairs(imp, 2):
+        try:
+            figs.append(_div(vis.plot_contour(study, params=[a, b], target_name=spec.objectives[0].metric)))
+        except Exception:
+            pass
+    if imp:
+        figs.append(_div(vis.plot_slice(study, params=list(imp)[:4], target_name=spec.objectives[0].metric), "plot wide"))
+    if len(done) >= 2:
+        figs.append(_div(vis.plot_parallel_coordinate(study, target_name=spec.objectives[0].metric), "plot wide"))
+    return figs
+
+
+def _pngs(study: optuna.Study, report: dict, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    metric = report["objectives"][0]["metric"]
+    imp = report["importances"].get(metric, {})
+    if imp:
+        names = list(imp)[::-1]
+        fig, ax = plt.subplots(figsize=(7, 1 + 0.45 * len(names)))
+        means = [imp[n]["mean"] for n in names]
+        err = [[imp[n]["mean"] - imp[n]["low"] for n in names], [imp[n]["high"] - imp[n]["mean"] for n in names]]
+        ax.barh(names, means, xerr=err, color="#0969da", capsize=3)
+        ax.set_xlabel("fANOVA importance (90 % interval)")
+        ax.set_title(f"Which settings matter for {metric}")
+        fig.tight_layout()
+        fig.savefig(out_dir / "importances.png", dpi=110)
+        plt.close(fig)
+        files.append("importances.png")
+    if report["robustness"]:
+        rob = report["robustness"]
+        ids = list(rob)
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.bar(ids, [rob[c]["mean"] for c in ids], yerr=[rob[c]["std"] or 0 for c in ids], capsize=4,
+               color=["#1a7f37" if c == report["winner"] else "#8c959f" for c in ids])
+        for c in ids:
+            ax.plot([c] * len(rob[c]["seeds"]), rob[c]["seeds"], "k.", ms=6)
+        ax.set_ylabel(metric)
+        ax.set_title("Robustness: fresh seeds, mean ± std")
+        fig.tight_layout()
+        fig.savefig(out_dir / "robustness.png", dpi=110)
+        plt.close(fig)
+        files.append("robustness.png")
+    if len(study.directions) == 1 and any(t.state == TrialState.COMPLETE for t in study.trials):
+        from optuna.visualization.matplotlib import plot_optimization_history
+
+        ax = plot_optimization_history(study, target_name=metric)
+        ax.figure.set_size_inches(7, 4)
+        ax.figure.tight_layout()
+        ax.figure.savefig(out_dir / "history.png", dpi=110)
+        plt.close(ax.figure)
+        files.append("history.png")
+    return files
+
+
+# ------------------------------------------------------------------------------------------------ page
+
+
+def _html(study: optuna.Study, spec, report: dict, imps: dict) -> str:
+    import plotly.offline
+
+    from . import __version__
+
+    dash = resources.files("dashboards")
+    metric = report["objectives"][0]["metric"]
+    v = report["verdict"]
+    if v is None:
+        verdict_html, vclass = "<p>No finished runs of both SSA and the baseline yet.</p>", "unclear"
+    else:
+        d = v["ssa_minus_baseline"]
+        vclass = "helps" if v["answer"].startswith("SSA helps") else "hurts" if v["answer"].startswith("SSA hurts") else "unclear"
+        verdict_html = f'<p class="big">{html.escape(v["answer"].split(":")[0])}</p><p>{html.escape(v["answer"])}</p>'
+        verdict_html += _table(["", "SSA − baseline", "interval low", "interval high", "runs (SSA, baseline)"],
+                               [[metric, d["diff"], d["low"], d["high"], str(d["n"])]])
+        if v.get("costs"):
+            verdict_html += _table(["cost", "SSA", "baseline"],
+                                   [[k, c["ssa"], c["baseline"]] for k, c in v["costs"].items()])
+    winner = report["winner"]
+    rob = report["robustness"]
+    if winner and rob and winner in rob:
+        winner_html = (f'<p class="big">{html.escape(winner)}</p><p>{html.escape(_config_label(rob[winner]["params"]))}</p>'
+                       f'<p>{metric} {_fmt(rob[winner]["mean"])} ± {_fmt(rob[winner]["std"])} over {len(rob[winner]["seeds"])} '
+                       f'fresh seeds; chosen by {html.escape(report["winner_selected_by"])}.</p>')
+    elif report["best_trial"]:
+        b = report["best_trial"]
+        winner_html = (f'<p class="big">trial-{b["number"]}</p><p>{html.escape(_config_label(b["params"]))}</p>'
+                       f'<p>{metric} {_fmt(b["values"][0])} (one seed; no robustness stage ran).</p>')
+    else:
+        winner_html = "<p>No complete trial yet.</p>"
+    lc = report["long_context"]
+    if lc and lc.get("values"):
+        flagged = [c for c, f in lc["flagged"].items() if f]
+        rows = [[c, sum(x for x in vals if x is not None) / max(1, len([x for x in vals if x is not None])),
+                 "below baseline" if lc["flagged"].get(c) else "ok"] for c, vals in lc["values"].items()]
+        guard_html = _table(["config", f"mean {lc['metric']}", "guard"], rows,
+                            ["flag" if lc["flagged"].get(r[0]) else "" for r in rows])
+        guard_html += ("<p>Flagged configurations are not exported (constraint on).</p>" if lc["constraint"] and flagged
+                       else "<p>No configuration falls below the baseline.</p>" if not flagged
+                       else "<p>Flagged, but the constraint is off: the winner may still be one of them.</p>")
+    else:
+        guard_html = "<p>No long-context probe ran (add <code>robustness.long_context</code>, e.g. a passkey dataset).</p>"
+    imp_parts = []
+    for m, by_eval in imps.items():
+        for ev, imp in by_eval.items():
+            if imp:
+                imp_parts.append(_div(_importance_figure(imp, f"{m}: {'fANOVA' if ev == 'fanova' else 'PED-ANOVA'}")))
+    importance_html = (f'<div class="plots">{"".join(imp_parts)}</div>' if imp_parts else
+                       "<p>Too few complete trials for importances (at least 4 are needed).</p>")
+    if imps.get(metric, {}).get("fanova"):
+        first = imps[metric]["fanova"]
+        importance_html += _table(["parameter", "mean", "90% low", "90% high", "estimated on"],
+                                  [[p, x["mean"], x["low"], x["high"], f"{x['group']} ({x['n_trials']})"] for p, x in first.items()])
+    if rob:
+        rows = [[c, _config_label(r["params"]), r["mean"], r["std"], r["score"], r["rank"]] for c, r in rob.items()]
+        robustness_html = _table(["config", "settings", f"mean {metric}", "std", "robust score", "rank"], rows,
+                                 ["win" if r[0] == winner else "" for r in rows])
+        tau = report["rank_stability_kendall_tau"]
+        robustness_html += f"<p>Rank stability between seeds (mean Kendall τ): <b>{_fmt(tau, 3)}</b> (1 = same order on every seed).</p>"
+        robustness_html += f'<div class="plots">{_div(_robustness_figure(report), "plot wide")}</div>'
+    else:
+        robustness_html = "<p>No robustness stage ran: add a <code>robustness:</code> section or run <code>ssa-tune robustness STUDY</code>.</p>"
+    c = report["trials"]
+    meta = (f"dataset <code>{html.escape(json.dumps(report['dataset']))}</code> · objective {html.escape(metric)} "
+            f"({report['objectives'][0]['direction']}) · {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed")
+    return Template(dash.joinpath("report.html").read_text()).substitute(
+        study=html.escape(study.study_name), css=dash.joinpath("report.css").read_text(),
+        plotlyjs=plotly.offline.get_plotlyjs(), meta=meta, verdict_class=vclass, verdict_html=verdict_html,
+        winner_html=winner_html, guard_html=guard_html, importance_html=importance_html,
+        robustness_html=robustness_html,
+        search_html=f'<div class="plots">{"".join(_search_figures(study, spec, imps))}</div>',
+        version=__version__, generated=report["generated"])
+
+
+def log_to_mlflow(study: optuna.Study, target: Target, out_dir: Path, report: dict) -> None:
+    """Attach the report to the study's parent run, and the headline numbers as its metrics."""
+    from .track import Tracker
+
+    parent = study.user_attrs.get(st.ATTR_PARENT_RUN)
+    if not parent:
+        return
+    tracker = Tracker(target.tracking, study.study_name, target.workdir / "mlartifacts")
+    tracker.client.log_artifacts(parent, str(out_dir), artifact_path="report")
+    metrics = {}
+    for m, imp in report["importances"].items():
+        for p, x in imp.items():
+            metrics[f"importance.{m}.{p}"] = x["mean"]
+    v = report.get("verdict")
+    if v and v["ssa_minus_baseline"]["diff"] is not None:
+        metrics["verdict.ssa_minus_baseline"] = v["ssa_minus_baseline"]["diff"]
+    tags = {"ssa_tune.verdict": v["answer"] if v else "undecided", "ssa_tune.winner": str(report["winner"])}
+    tracker.log_study(parent, metrics=metrics, tags=tags)
