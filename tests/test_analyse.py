@@ -1,0 +1,119 @@
+"""Per-dataset answers: importances with intervals, the robust score, rank stability, the verdict."""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+
+from ssa_tune import analyse
+
+
+def _study_where_only_x_matters(n: int = 100, seed: int = 0) -> optuna.Study:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+
+    def objective(trial):
+        x = trial.suggest_float("x", -3, 3)
+        trial.suggest_float("y", -3, 3)
+        trial.suggest_categorical("z", ["a", "b", "c"])
+        return x * x
+
+    study.optimize(objective, n_trials=n)
+    return study
+
+
+@pytest.mark.parametrize("evaluator", ["fanova", "ped_anova"])
+def test_the_one_driving_parameter_ranks_first_with_a_separate_interval(evaluator):
+    imp = analyse.importances(_study_where_only_x_matters(), repeats=10, evaluators=(evaluator,))[evaluator]
+    assert list(imp)[0] == "x"
+    assert set(imp) == {"x", "y", "z"}
+    for other in ("y", "z"):
+        assert imp["x"]["low"] > imp[other]["high"], imp
+    for row in imp.values():
+        assert row["low"] <= row["mean"] <= row["high"] and row["repeats"] == 10
+
+
+def test_importances_respect_the_direction():
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
+    study.optimize(lambda t: -abs(t.suggest_float("a", -1, 1)) + 0 * t.suggest_float("b", -1, 1), n_trials=40)
+    imp = analyse.importances(study, repeats=6, evaluators=("ped_anova",))["ped_anova"]
+    assert list(imp)[0] == "a"
+
+
+def test_conditional_ssa_params_get_their_own_group():
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+
+    def objective(trial):
+        lr = trial.suggest_float("train.lr", 1e-3, 1e-2, log=True)
+        if trial.suggest_categorical("ssa.enabled", [True, False]):
+            gate = trial.suggest_categorical("ssa.query_gate", ["none", "shared"])
+            return lr * 100 + (0.5 if gate == "none" else 0.0)
+        return lr * 100 + 0.4
+
+    study.optimize(objective, n_trials=60)
+    imp = analyse.importances(study, repeats=4, evaluators=("fanova",))["fanova"]
+    assert imp["ssa.query_gate"]["group"] == "SSA trials"
+    assert imp["train.lr"]["group"] == "all trials"
+
+
+def test_robust_score_prefers_the_stable_config():
+    results = {"lucky": [0.40, 1.50, 0.45], "stable": [0.90, 0.92, 0.88]}  # lucky: better mean, unstable
+    assert sum(results["lucky"]) / 3 < sum(results["stable"]) / 3
+    summary = analyse.robust_summary(results, "minimize", penalty=1.0)
+    assert list(summary) == ["stable", "lucky"]
+    assert summary["stable"]["rank"] == 1
+    assert summary["lucky"]["score"] == pytest.approx(summary["lucky"]["mean"] + summary["lucky"]["std"])
+    # with no penalty the mean decides
+    assert list(analyse.robust_summary(results, "minimize", penalty=0.0)) == ["lucky", "stable"]
+    # maximising (accuracy): mean - std
+    acc = {"lucky": [0.9, 0.1, 0.95], "stable": [0.6, 0.62, 0.61]}
+    assert list(analyse.robust_summary(acc, "maximize", penalty=1.0))[0] == "stable"
+
+
+def test_failed_seed_runs_are_left_out_of_the_score():
+    summary = analyse.robust_summary({"a": [1.0, None, 1.2], "b": [None, None]}, "minimize")
+    assert summary["a"]["seeds"] == 2 and summary["b"]["score"] is None
+    assert list(summary) == ["a", "b"]
+
+
+def test_rank_stability():
+    same = {"a": [1, 1.1, 1.2], "b": [2, 2.1, 2.2], "c": [3, 3.1, 3.2]}
+    assert analyse.rank_stability(same) == pytest.approx(1.0)
+    flip = {"a": [1, 3], "b": [2, 2], "c": [3, 1]}
+    assert analyse.rank_stability(flip) == pytest.approx(-1.0)
+
+
+def test_difference_interval_matches_welch():
+    from scipy import stats
+
+    a, b = [1.0, 1.2, 0.9, 1.1], [1.5, 1.7, 1.6]
+    d = analyse.difference(a, b)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert d["low"] == pytest.approx(ci.low) and d["high"] == pytest.approx(ci.high)
+
+
+def test_verdict_words():
+    helps = analyse.verdict([1.0, 1.01, 0.99], [1.5, 1.52, 1.49], "minimize", "val_loss")
+    assert helps["answer"].startswith("SSA helps")
+    hurts = analyse.verdict([0.5, 0.52, 0.49], [0.9, 0.91, 0.92], "maximize", "val_acc")
+    assert hurts["answer"].startswith("SSA hurts")
+    unclear = analyse.verdict([1.0, 1.5, 0.7], [1.1, 0.8, 1.3], "minimize", "val_loss")
+    assert unclear["answer"].startswith("no clear difference")
+    single = analyse.verdict([1.0], [2.0, 2.1], "minimize", "val_loss")
+    assert single["answer"].startswith("undecided") and single["ssa_minus_baseline"]["low"] is None
+
+
+def test_long_range_flags():
+    flags = analyse.long_range_flags({"base": [0.8, 0.9], "good": [0.9, 0.85], "bad": [0.2, 0.3]}, "base")
+    assert flags == {"good": False, "bad": True}
+
+
+def test_pick_top_distinct():
+    study = optuna.create_study()
+    for v, x in [(3.0, 1), (1.0, 2), (1.0, 2), (2.0, 3), (float("nan"), 4)]:
+        study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions={
+            "x": optuna.distributions.IntDistribution(0, 9)}, value=v if math.isfinite(v) else None,
+            state=optuna.trial.TrialState.COMPLETE if math.isfinite(v) else optuna.trial.TrialState.FAIL))
+    top = analyse.pick_top(study, 3)
+    assert [t.params["x"] for t in top] == [2, 3, 1]
