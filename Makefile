@@ -22,6 +22,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/ssa-tune run search_spaces/quickstart.yaml
+	$(BIN)/ssa-tune export quickstart -o .ssa_tune/best.yaml
+	@echo "--- .ssa_tune/best.yaml"; cat .ssa_tune/best.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -30,8 +32,10 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/attention.py
-	$(BIN)/python benchmarks/training.py
+	@mkdir -p out
+	$(BIN)/python benchmarks/attention.py --out out/attention.json
+	$(BIN)/python benchmarks/training.py --out out/training.json
+	$(BIN)/python benchmarks/tuning.py --out out/tuning.json
 
 clean:
 	rm -rf $(VENV) .ssa_tune

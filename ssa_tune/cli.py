@@ -136,10 +136,13 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
         import optuna
 
         from . import study as st
-        from .tune import run_robustness
+        from .tune import ATTR_ROBUSTNESS, run_robustness
 
         loaded = optuna.load_study(study_name=summary["study"], storage=st.open_storage(target.storage))
-        run_robustness(loaded, s, target, out=say, address=address)
+        if summary["new_trials"] or loaded.user_attrs.get(ATTR_ROBUSTNESS) is None:
+            run_robustness(loaded, s, target, out=say, address=address)
+        else:
+            say("robustness: already done for these trials (ssa-tune robustness STUDY re-runs it)")
         report_dir = target.workdir / "reports" / loaded.study_name
         if as_json:
             from .report import build, log_to_mlflow

@@ -326,6 +326,7 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
     out(f"study {study_name}: {st.budget_used(study)}/{budget} trials done; storage {st.redact(target.storage)}; "
         f"tracking {target.tracking}")
     started = time.monotonic()
+    trials_before = len(study.trials)
     _init_ray(address, target.workdir)
     # trials that FAIL do not count toward the budget: run further rounds for them, a bounded number
     for _ in range(3):
@@ -342,6 +343,7 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
         if st.counts(study)["failed"] == failed_before:
             break  # short of the budget without failures: the time limit ended it
     summary = status(study, target)
+    summary["new_trials"] = len(study.trials) - trials_before
     best = summary["best"]
     metrics = {"best_value": best["value"]} if best and isinstance(best["value"], (int, float)) else {}
     metrics.update({f"trials_{k}": v for k, v in summary["trials"].items()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,3 +196,46 @@ def test_sigkill_then_resume_finishes_the_budget(write_spec, tmp_path):
             assert r.info.status == "KILLED" and r.data.tags["ssa_tune.state"] == "FAIL"
     parents = [r for r in runs if r.data.tags.get("ssa_tune.role") == "study"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+
+
+def test_robustness_stage_report_and_robust_export(write_spec, tmp_path):
+    spec = write_spec({"budget": {"n_trials": 4}, "scheduler": {"kind": "none"},
+                       "robustness": {"top_k": 2, "seeds": 2, "penalty": 1.0, "constraint": True,
+                                      "long_context": {"kind": "passkey", "seq_len": 64}}})
+    wd = tmp_path / "wd"
+    summary = json.loads(run_cli("run", spec, "--workdir", wd, "--json").stdout)
+    report_dir = wd / "reports" / "tiny"
+    assert summary["report"] == str(report_dir / "report.html")
+    rep = json.loads((report_dir / "report.json").read_text())
+    # importances: objective -> param -> {mean, low, high}
+    imp = rep["importances"]["val_loss"]
+    assert imp and all({"mean", "low", "high"} <= set(v) and v["low"] <= v["mean"] <= v["high"] for v in imp.values())
+    # robustness: config id -> {mean, std, seeds}; the baseline is always among them
+    rob = rep["robustness"]
+    assert len(rob) >= 2 and all(len(r["seeds"]) == 2 for r in rob.values())
+    assert any(r["params"].get("ssa.enabled") is False for r in rob.values())
+    ranked = sorted((r["score"], cid) for cid, r in rob.items() if r["score"] is not None)
+    lc = rep["long_context"]
+    assert lc["metric"] == "passkey_acc" and set(lc["values"]) == set(rob)
+    eligible = [cid for _, cid in ranked if not lc["flagged"].get(cid)]
+    assert rep["winner"] == eligible[0]  # best robust score among those the long-range guard lets through
+    assert rep["verdict"]["answer"] and "ssa_minus_baseline" in rep["verdict"]
+    page = (report_dir / "report.html").read_text()
+    outside_scripts = re.sub(r"<script>.*?</script>", "", page, flags=re.S)
+    assert not re.search(r"""(src|href)\s*=\s*["'](https?:)?//""", outside_scripts)  # nothing loads from a network
+    assert "Does SSA help on this dataset?" in page and "Plotly.newPlot" in page
+    # all of it is in MLflow: artifacts of the parent run, one child run per robustness training
+    client, runs = _runs(wd)
+    parent = next(r for r in runs if r.data.tags.get("ssa_tune.role") == "study")
+    names = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/report.json", "report/importances.png", "report/robustness.png"} <= names
+    assert parent.data.tags["ssa_tune.verdict"] == rep["verdict"]["answer"]
+    robust_runs = [r for r in runs if r.data.tags.get("ssa_tune.role") == "robustness"]
+    assert len(robust_runs) == len(rob) * 2 * 2  # configs x seeds x (main + long_context)
+    assert {r.data.tags["ssa_tune.variant"] for r in robust_runs} == {"main", "long_context"}
+    # the export takes the robust winner and says so
+    out = tmp_path / "best.json"
+    run_cli("export", "tiny", "-o", out, "--workdir", wd)
+    exported = json.loads(out.read_text())
+    assert f"trial-{exported['study']['trial']}" == rep["winner"]
+    assert exported["source"]["selected_by"].startswith("robust score over 2 fresh seeds")
