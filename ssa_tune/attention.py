@@ -112,6 +112,7 @@ class SSATemperatures(nn.Module):
         self.shared_gates = [n for n in ("q", "v", "k") if getattr(cfg, _GATE_FIELD[n]) == "shared"]
         for n in self.shared_gates:
             self.register_parameter(f"u_{n}", nn.Parameter(torch.zeros(g, head_dim)))
+        self._fused_cache: tuple | None = None  # (parameter versions, fused_projection result) under no_grad
         # the q/k/v slots holding a shared gate, as a slice (any subset of 3 slots is an arithmetic range)
         slots = sorted(_QKV.index(n) for n in self.shared_gates)
         step = slots[1] - slots[0] if len(slots) > 1 else 1
@@ -131,6 +132,11 @@ class SSATemperatures(nn.Module):
         the gate columns follow the 3*d_model q, k, v columns in that order.
         """
         W, b = qkv.weight, qkv.bias
+        cacheable = not torch.is_grad_enabled()  # evaluation and decoding: rebuild only when a weight changed
+        if cacheable:
+            key = tuple((p.data_ptr(), p._version) for p in (W, b, *self.parameters()) if p is not None)
+            if self._fused_cache is not None and self._fused_cache[0] == key:
+                return self._fused_cache[1]
         C, H = self.d_model, self.n_heads
         hd = C // H
         rows: list[torch.Tensor] = [W]
@@ -149,13 +155,14 @@ class SSATemperatures(nn.Module):
             U = torch.stack([getattr(self, f"u_{n}").expand(H, hd) if n in self.shared_gates else zero
                              for n in _QKV])  # (3, H, hd)
             sl = self._shared_slots
-            rows.append((U.unsqueeze(2) @ W.view(3, H, hd, -1)).squeeze(2)[sl].reshape(-1, W.shape[1]))
-            biases.append(None if b is None else (b.view(3, H, hd) * U).sum(-1)[sl].reshape(-1))
+            rows.append((U.unsqueeze(2) @ W.reshape(3, H, hd, -1)).squeeze(2)[sl].reshape(-1, W.shape[1]))
+            biases.append(None if b is None else (b.reshape(3, H, hd) * U).sum(-1)[sl].reshape(-1))
             layout += [(n, H) for n in _QKV[sl]]
         weight = torch.cat(rows)
         bias = None
         if any(x is not None for x in biases):
             bias = torch.cat([r.new_zeros(r.shape[0]) if x is None else x for r, x in zip(rows, biases)])
+        self._fused_cache = (key, (weight, bias, layout)) if cacheable else None
         return weight, bias, layout
 
     def fused_scales(self, f: torch.Tensor | None, layout: list[tuple[str, int]], offset: int, T: int,
