@@ -468,9 +468,15 @@ def run_robustness(study, spec: JobSpec, target: Target, out: Callable[[str], No
     configs = {f"trial-{t.number}": dict(t.params) for t in top}
     baseline_id = None
     if spec.ssa is not None or any(p.name == "ssa.enabled" for p in spec.search):
+        # the verdict needs both sides: the best SSA trial and the best baseline trial always take part
         sign = 1 if objective.direction == "minimize" else -1
-        base = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.params.get("ssa.enabled") is False and t.values]
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.values and math.isfinite(t.values[0])]
+        ssa_trials = [t for t in done if t.params.get("ssa.enabled", spec.ssa is not None) is True]
+        if ssa_trials:
+            b = min(ssa_trials, key=lambda t: sign * t.values[0])
+            configs.setdefault(f"trial-{b.number}", dict(b.params))
+        base = [t for t in done if t.params.get("ssa.enabled") is False]
         if base:
             b = min(base, key=lambda t: sign * t.values[0])
             baseline_id = f"trial-{b.number}"
