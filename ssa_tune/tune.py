@@ -137,6 +137,7 @@ def _searcher_class():
                 storage.set_trial_user_attr(ot._trial_id, st.T_PRUNED_AT, int(result["step"]))
             else:
                 state, told, reason = "COMPLETE", values[0] if len(values) == 1 else values, None
+                self._report(trial_id, result)  # the final result may also bypass on_trial_result
             from optuna.trial import TrialState
 
             ts = {"FAIL": TrialState.FAIL, "PRUNED": TrialState.PRUNED, "COMPLETE": TrialState.COMPLETE}[state]
