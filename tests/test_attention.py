@@ -159,8 +159,9 @@ def test_fused_equals_reference_position_only(position, causal):
                                    ("linear", "shared", "shared")])
 @pytest.mark.parametrize("per_head", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
-def test_fused_equals_reference_with_rotary(gates, per_head, causal):
-    cfg = SSAConfig(query_position="log_expexp", per_head=per_head, **dict(zip(GATE_FIELDS, gates)))
+@pytest.mark.parametrize("position", POSITIONS)
+def test_fused_equals_reference_with_rotary(gates, per_head, causal, position):
+    cfg = SSAConfig(query_position=position, per_head=per_head, **dict(zip(GATE_FIELDS, gates)))
     layer = make_layer(cfg, causal=causal)
     randomise_temperatures(layer)
     rope = rope_cache(32, D // H)  # longer than T: the layer must slice the tables

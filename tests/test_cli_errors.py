@@ -120,3 +120,19 @@ def test_real_process_prints_one_line_to_stderr(tmp_path):
         "(known: batch_size, beta1, beta2, device, eval_every, grad_accum, grad_clip, latency_tokens, lr, " \
         "max_steps, max_tokens, min_lr_frac, seed, threads, warmup_steps, weight_decay)"
     assert not (tmp_path / "wd").exists()
+
+
+def test_submit_needs_shared_stores(write_spec):
+    spec = write_spec()
+    result = runner.invoke(app, ["submit", str(spec), "--address", "http://127.0.0.1:9"])
+    _assert_one_line(result, spec, "storage: a cluster study needs a shared storage URL")
+
+
+def test_submit_to_a_bad_ray_address_is_one_line(write_spec):
+    spec = write_spec()
+    result = runner.invoke(app, ["submit", str(spec), "--address", "http://127.0.0.1:9",
+                                 "--storage", "postgresql+psycopg2://root@127.0.0.1:5432/test",
+                                 "--tracking-uri", "http://127.0.0.1:9"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error: --address: cannot reach the Ray Jobs API at http://127.0.0.1:9")
+    assert "\n" not in result.output.strip()

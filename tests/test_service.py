@@ -239,3 +239,46 @@ def test_robustness_stage_report_and_robust_export(write_spec, tmp_path):
     exported = json.loads(out.read_text())
     assert f"trial-{exported['study']['trial']}" == rep["winner"]
     assert exported["source"]["selected_by"].startswith("robust score over 2 fresh seeds")
+
+
+def test_ui_serves_the_study_on_loopback(tmp_path):
+    """`ssa-tune ui` starts the MLflow UI over the work dir's store, bound to 127.0.0.1."""
+    import socket
+    import urllib.request
+
+    from ssa_tune.track import Tracker
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    tracker = Tracker(f"sqlite:///{wd / 'mlflow.db'}", "ui-study", wd / "mlartifacts")
+    tracker.parent_run("ui-study", None, {})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([*SSA_TUNE, "ui", "--workdir", str(wd), "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline, body = time.monotonic() + 120, None
+        while time.monotonic() < deadline and body is None:
+            time.sleep(1)
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10",
+                                            timeout=5) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                continue
+        assert body is not None, "the UI did not answer"
+        assert "ui-study" in {e["name"] for e in body["experiments"]}
+        # bound to loopback only
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        local = [line.split()[3] for line in listening.splitlines() if line.strip()]
+        assert local and all(addr == f"127.0.0.1:{port}" for addr in local), listening
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+    first_line = proc.stdout.read().splitlines()[0]
+    assert first_line == f"MLflow UI: http://127.0.0.1:{port}  (Ctrl-C to stop)"
