@@ -371,13 +371,15 @@ def ui(workdir: Workdir = None, tracking_uri: Tracking = None,
         typer.echo(f"the tracking server is already a UI: {target.tracking}")
         return
     artifacts = target.workdir / "mlartifacts"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", target.tracking,
+    # -P: the current directory must not shadow modules mlflow imports
+    cmd = [sys.executable, "-P", "-m", "mlflow", "server", "--backend-store-uri", target.tracking,
            "--default-artifact-root", artifacts.resolve().as_uri(), "--host", host, "--port", str(port),
            "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     typer.echo(f"MLflow UI: http://{host}:{port}  (Ctrl-C to stop)")
     try:
-        raise typer.Exit(subprocess.call(cmd, env=env))
+        # run from the work dir: a stray module in the current directory must not shadow what the server imports
+        raise typer.Exit(subprocess.call(cmd, env=env, cwd=target.workdir if target.workdir.is_dir() else None))
     except KeyboardInterrupt:
         raise typer.Exit(0)
 
