@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 from itertools import combinations
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import optuna

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -178,13 +178,18 @@ class SSAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SSAConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"ssa: must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{unknown[0]}: unknown SSA field (known: {', '.join(sorted(known))})")
-        return cls(**data)
+        return from_dict(cls, data, "SSA")
+
+
+def from_dict(cls, data: Any, what: str):
+    """Build a config dataclass from a mapping; an unknown key is a ValueError naming it (and the known ones)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what.lower()}: must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{unknown[0]}: unknown {what} field (known: {', '.join(sorted(known))})")
+    return cls(**data)
 
 
 def _normalise_layers(layers: Any) -> LayerSpec:

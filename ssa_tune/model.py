@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import KVCache, SelectiveSelfAttention, rope_cache
-from .config import SSAConfig
+from .config import SSAConfig, from_dict
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GPTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{unknown[0]}: unknown model field (known: {', '.join(sorted(known))})")
-        return cls(**data)
+        return from_dict(cls, data, "model")
 
 
 class MLP(nn.Module):

@@ -7,15 +7,14 @@ it — so this module imports torch and the core alone.
 from __future__ import annotations
 
 import math
-import os
 import resource
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 
-from .config import SSAConfig
+from .config import SSAConfig, from_dict
 from .errors import TrialFailed
 from .model import GPT, GPTConfig
 from .optim import parameter_groups
@@ -74,11 +73,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{unknown[0]}: unknown train field (known: {', '.join(sorted(known))})")
-        return cls(**data)
+        return from_dict(cls, data, "train")
 
 
 @dataclass

@@ -12,7 +12,6 @@ import math
 import os
 import statistics
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -495,7 +494,7 @@ def run_robustness(study, spec: JobSpec, target: Target, out: Callable[[str], No
     _init_ray(address, target.workdir)
     cpus, gpus = float(spec.resources["cpus_per_trial"]), float(spec.resources["gpus_per_trial"])
     task = ray.remote(_robust_job)
-    jobs, pending = [], []
+    jobs = []
     for vname, vspec in variants.items():
         vjson = json.dumps(vspec.raw, default=str)
         for cid, params in configs.items():
