@@ -83,6 +83,7 @@ def _searcher_class():
             self._max_steps, self._on_done = max_steps, on_done
             self._runs: dict[str, str] = {}
             self._last: dict[str, dict] = {}
+            self._reported: dict[str, set[int]] = {}
             super().__init__(space=lambda trial: st.suggest_all(trial, spec), **kw)
 
         def suggest(self, trial_id: str):
@@ -112,7 +113,11 @@ def _searcher_class():
             if isinstance(self.metric, list) or trial_id in self._completed_trials:
                 return
             v, step = result.get(self.metric), result.get("step")
-            if v is not None and step is not None and math.isfinite(v):
+            if v is None or step is None or not math.isfinite(v):
+                return
+            seen = self._reported.setdefault(trial_id, set())
+            if int(step) not in seen:  # the final result can arrive here twice (result, then completion)
+                seen.add(int(step))
                 self._ot_trials[trial_id].report(float(v), int(step))
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
@@ -305,6 +310,7 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
     study.set_user_attr(st.ATTR_DRIVER, {"host": socket.gethostname(), "pid": os.getpid()})
     study.set_user_attr("ssa_tune.n_trials", budget)
 
+    _init_ray(address, target.workdir)  # early: its worker processes start while the tracking store is set up
     tracker = Tracker(target.tracking, study_name, target.workdir / "mlartifacts")
     # a previous driver that died left RUNNING trials: FAIL them (and their MLflow runs), retry their params
     orphans = st.fail_orphans(study, "killed: the driver stopped while the trial ran")
@@ -327,7 +333,6 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
         f"tracking {target.tracking}")
     started = time.monotonic()
     trials_before = len(study.trials)
-    _init_ray(address, target.workdir)
     # trials that FAIL do not count toward the budget: run further rounds for them, a bounded number
     for _ in range(3):
         remaining = budget - st.budget_used(study)

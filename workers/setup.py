@@ -15,6 +15,13 @@ def setup() -> None:
     warnings.filterwarnings("ignore", message=".*ExperimentalWarning.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # what every trial needs, imported once per worker process before its first trial is scheduled
+    import torch  # noqa: F401
+
+    import ssa_tune.data  # noqa: F401
+    import ssa_tune.train  # noqa: F401
+    import ssa_tune.track  # noqa: F401
+
     try:
         import optuna
 
