@@ -17,7 +17,7 @@ torch.autograd.graph.saved_tensors_hooks, each storage counted once, parameters 
 training step keeps alive per layer, and shows O(T) for the fused path against O(T^2) for a materialised one.
 On CUDA also the peak allocated memory of the forward + backward (torch.cuda.max_memory_allocated).
 
-    python benchmarks/attention.py [--quick] [--out FILE] [--repeats N] [--seq 256 1024 2048]
+    python benchmarks/attention.py [--quick] [--out FILE] [--repeats N] [--seq 256 1024 2048] [--threads N]
 """
 
 from __future__ import annotations
@@ -206,9 +206,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, help="also write the JSON object to this file")
     ap.add_argument("--repeats", type=int, help="timed repeats per variant (default 15, quick 5)")
     ap.add_argument("--seq", type=int, nargs="+", help="sequence lengths (default 256 1024 2048)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: every core this process may "
+                    "use); on a busy machine --threads 1 makes the cpu_median ratios count this run's work only")
     args = ap.parse_args(argv)
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = args.threads or cores
     torch.set_num_threads(threads)
     seqs = args.seq or ([256, 1024] if args.quick else [256, 1024, 2048])
     repeats = args.repeats or (5 if args.quick else 15)
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "cpu_threads": threads,
+        "cpu_cores": cores,
+        "torch_threads": threads,
         "shape": {"batch": BATCH, "d_model": D_MODEL, "heads": HEADS, "dtype": "float32", "seq": seqs},
         "variants": {
             "plain": "SelectiveSelfAttention(ssa=None): F.scaled_dot_product_attention",

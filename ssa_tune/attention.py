@@ -293,7 +293,7 @@ class SelectiveSelfAttention(nn.Module):
         taus = (None, None, None)
         if temps is not None:
             # gates read the content vectors before rotation, so they depend on content, not position
-            taus = temps.fused_scales(f, layout, offset, T, n_keys, x.device, x.dtype)
+            taus = temps.fused_scales(f, layout, offset, T, n_keys, x.device, q.dtype)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos[offset:offset + T], sin[offset:offset + T]), apply_rope(k, cos[offset:offset + T], sin[offset:offset + T])

@@ -435,3 +435,21 @@ def test_no_grad_fused_weights_follow_parameter_updates():
     opt.step()
     with torch.no_grad():
         assert (layer(x) - reference_attention(layer, x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("gates", [("shared", "shared", "none"), ("linear", "linear", "none")])
+def test_bfloat16_autocast(gates):
+    """Training on GPU runs under bf16 autocast: the fused path must run there, keep q/k/v in the autocast
+    dtype (no silent fp32 upcast of q by a float32 temperature) and stay close to the float32 result."""
+    layer = make_layer(SSAConfig(query_position="log_expexp", **dict(zip(GATE_FIELDS, gates)))).train()
+    randomise_temperatures(layer)
+    x = torch.randn(2, 16, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k, v, (tq, _, tv) = layer.project(x, None, 0, None)
+        out = layer(x)
+    assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    ref = layer(x)
+    assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max()
