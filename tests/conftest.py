@@ -43,6 +43,18 @@ def deep_update(base: dict, changes: dict) -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny shapes: a second intra-op thread only adds synchronisation, and on a loaded machine a preempted
+    worker thread stalls every op (the suite ran 7x slower). Restored after the module that asks for it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def write_spec(tmp_path):
     def write(changes: dict | None = None, name: str = "spec.yaml", drop: tuple[str, ...] = ()) -> Path:

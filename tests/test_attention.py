@@ -25,14 +25,7 @@ POSITIONS = ("none", "log_expexp", "log_sigmoid", "log_linear")
 GATE_FIELDS = ("query_gate", "value_gate", "key_gate")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: a second intra-op thread only adds synchronisation, and on a loaded machine a preempted
-    worker thread stalls every op (the suite ran 7x slower). Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_layer(ssa: SSAConfig | None, causal: bool = True, bias: bool = True, seed: int = 0) -> SelectiveSelfAttention:

@@ -19,14 +19,7 @@ GATES = [("none", "none", "none"), ("shared", "shared", "none"), ("linear", "lin
          ("shared", "linear", "shared"), ("linear", "shared", "linear")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: a second intra-op thread only adds synchronisation, and on a loaded machine a preempted
-    worker thread stalls every op (the suite ran 7x slower). Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_like_gpt(position: str = "learned", seed: int = 0) -> GPT:

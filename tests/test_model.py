@@ -16,14 +16,7 @@ from ssa_tune.stats import attention_stats, flat_stats
 SMALL = GPTConfig(vocab_size=61, seq_len=24, n_layer=3, n_head=2, d_model=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny shapes: a second intra-op thread only adds synchronisation, and on a loaded machine a preempted
-    worker thread stalls every op (the suite ran 7x slower). Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_gpt(ssa: SSAConfig | None, position: str = "learned", seed: int = 0, **kw) -> GPT:
