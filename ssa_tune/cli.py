@@ -132,6 +132,7 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
 
     say = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
     summary = run_study(s, target, resume=resume, n_trials=trials, address=address, out=say)
+    robust = None
     if s.robustness is not None and summary["best"] is not None:
         import optuna
 
@@ -154,13 +155,20 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
             summary["winner"] = rep.get("winner")
         else:
             _write_report(loaded, target, report_dir)
+        robust = loaded.user_attrs.get(ATTR_ROBUSTNESS)
     if as_json:
         _print_json(summary)
         return
     best = summary["best"]
     c = summary["trials"]
     typer.echo(f"\nstudy {summary['study']}: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed")
-    if best:
+    if robust and robust.get("winner") in robust.get("configs", {}):
+        w = robust["summary"][robust["winner"]]
+        typer.echo(f"winner {robust['winner']} (robust score over {w['seeds']} fresh seeds): "
+                   f"{robust['objective']} {w['mean']:.4f} +- {w['std']:.4f}; search best was trial #{best['number']}")
+        for k, v in robust["configs"][robust["winner"]].items():
+            typer.echo(f"  {k}: {v}")
+    elif best:
         typer.echo(f"best trial #{best['number']}: {s.objectives[0].metric} = {best['value']}")
         for k, v in best["params"].items():
             typer.echo(f"  {k}: {v}")
@@ -341,11 +349,8 @@ def _write_report(loaded, target, out_dir: Path) -> None:
     out_dir = out_dir.resolve()
     rep = build(loaded, target, out_dir)
     log_to_mlflow(loaded, target, out_dir, rep)
-    v = rep.get("verdict")
     typer.echo(f"report: {out_dir / 'report.html'} (+ report.json, {', '.join(f for f in rep['files'] if f.endswith('.png'))}); "
                f"logged to the study's MLflow run")
-    if v:
-        typer.echo(f"verdict: {v['answer']}")
 
 
 @app.command()
