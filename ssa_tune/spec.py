@@ -292,6 +292,7 @@ def validate(raw: dict, file: str, check_data: bool = True) -> JobSpec:
             raise _err(file, key, f"must be a URL string or null, got {v!r}")
     robustness = _check_robustness(raw.get("robustness"), file)
 
+    raw = {**raw, "dataset": dataset}  # with the dataset path made absolute: workers run elsewhere
     spec = JobSpec(path=file, name=name, dataset=dataset, model=model, train=train, ssa=ssa,
                    search=search, objectives=objectives, n_trials=n_trials, time_limit_s=time_limit,
                    scheduler=scheduler, resources=resources, sampler=sampler, storage=raw.get("storage"),

@@ -50,10 +50,10 @@ def _trainable(config: dict, ctx: dict) -> None:
     """A Ray Tune function trainable: one Optuna trial."""
     import ray.tune
 
-    spec = validate(json.loads(ctx["spec"]), ctx["spec_path"], check_data=False)
     number, run_id = config[KEY_NUMBER], config[KEY_RUN]
     params = {k: v for k, v in config.items() if not k.startswith("ssa_tune.")}
     try:
+        spec = validate(json.loads(ctx["spec"]), ctx["spec_path"], check_data=False)
         execute(spec, params, ctx["cpus"], ctx["gpus"], report=ray.tune.report, tracking_uri=ctx["tracking"],
                 run_id=run_id)
     except Exception as e:
@@ -132,7 +132,7 @@ def _searcher_class():
                 state, told = "FAIL", None
                 reason = storage.get_trial(ot._trial_id).user_attrs.get(st.T_REASON)
                 if reason is None:
-                    reason = "the worker died (crash or killed)" if error else "no finite objective reported"
+                    reason = "the trial's worker process died (crash or killed)" if error else "no finite objective reported"
                     storage.set_trial_user_attr(ot._trial_id, st.T_REASON, reason)
             elif int(result.get("step", 0)) < self._max_steps:
                 state, told, reason = "PRUNED", None, None
@@ -388,7 +388,7 @@ def _fit(spec: JobSpec, target: Target, study_name: str, storage, tracker: Track
     search._study_name = study_name
     cpus, gpus = float(spec.resources["cpus_per_trial"]), float(spec.resources["gpus_per_trial"])
     ctx = {"spec": json.dumps(spec.raw, default=str), "spec_path": spec.path, "cpus": cpus, "gpus": gpus,
-           "tracking": target.tracking, "storage": target.storage}
+           "tracking": target.tracking, "storage": target.storage, "study": study_name}
     trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx), {"cpu": cpus, "gpu": gpus})
     single = len(metrics) == 1
     tuner = tune.Tuner(

@@ -282,3 +282,16 @@ def test_ui_serves_the_study_on_loopback(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     first_line = proc.stdout.read().splitlines()[0]
     assert first_line == f"MLflow UI: http://127.0.0.1:{port}  (Ctrl-C to stop)"
+
+
+def test_text_spec_with_a_relative_path_as_a_new_user_types_it(tmp_path):
+    """`ssa-tune run search_spaces/text.yaml --set dataset.path=corpus.txt` from the folder holding the corpus:
+    the path is relative to where the user stands, not to where Ray runs the trials."""
+    (tmp_path / "corpus.txt").write_text((ROOT / "README.md").read_text() * 3)
+    proc = run_cli("run", ROOT / "search_spaces" / "text.yaml", "--set", "dataset.path=corpus.txt",
+                   "--set", "train.max_steps=20", "--set", "train.eval_every=10", "--trials", "2",
+                   "--json", cwd=tmp_path)
+    summary = json.loads(proc.stdout)
+    assert summary["trials"]["failed"] == 0
+    assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 2
+    assert (tmp_path / ".ssa_tune" / "optuna.db").exists()  # the default work dir is ./.ssa_tune
