@@ -51,7 +51,7 @@ def export_best(study, target, path: Path, trial=None) -> tuple[Path, dict[str, 
             "mlflow_run_id": run_id}
     source = {"winner": winner,
               "note": "SSA settings of the best trial" if winner == "ssa" else
-              "the baseline (plain attention) beat every SSA setting; this SSAConfig is the identity"}
+              "the baseline (plain attention) won; this SSAConfig is the identity (convert leaves the model as it is)"}
     if rt is not None and t is rt:
         row = rob["summary"][f"trial-{t.number}"]
         source["selected_by"] = (f"robust score over {row['seeds']} fresh seeds: {rob['objective']} "
