@@ -144,17 +144,11 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
             run_robustness(loaded, s, target, out=say, address=address)
         else:
             say("robustness: already done for these trials (ssa-tune robustness STUDY re-runs it)")
-        report_dir = target.workdir / "reports" / loaded.study_name
-        if as_json:
-            from .report import build, log_to_mlflow
-
-            rep = build(loaded, target, report_dir)
-            log_to_mlflow(loaded, target, report_dir, rep)
-            summary["report"] = str(report_dir / "report.html")
-            summary["verdict"] = (rep.get("verdict") or {}).get("answer")
-            summary["winner"] = rep.get("winner")
-        else:
-            _write_report(loaded, target, report_dir)
+        report_dir = (target.workdir / "reports" / loaded.study_name).resolve()
+        rep = _write_report(loaded, target, report_dir, say)
+        summary["report"] = str(report_dir / "report.html")
+        summary["verdict"] = (rep.get("verdict") or {}).get("answer")
+        summary["winner"] = rep.get("winner")
         robust = loaded.user_attrs.get(ATTR_ROBUSTNESS)
     if as_json:
         _print_json(summary)
@@ -343,14 +337,15 @@ def robustness(study: Annotated[str, typer.Argument(help="Study name.")], workdi
         _write_report(loaded, target, report_dir)
 
 
-def _write_report(loaded, target, out_dir: Path) -> None:
+def _write_report(loaded, target, out_dir: Path, say=typer.echo) -> dict:
     from .report import build, log_to_mlflow
 
     out_dir = out_dir.resolve()
     rep = build(loaded, target, out_dir)
     log_to_mlflow(loaded, target, out_dir, rep)
-    typer.echo(f"report: {out_dir / 'report.html'} (+ report.json, {', '.join(f for f in rep['files'] if f.endswith('.png'))}); "
-               f"logged to the study's MLflow run")
+    say(f"report: {out_dir / 'report.html'} (+ report.json, {', '.join(f for f in rep['files'] if f.endswith('.png'))}); "
+        f"logged to the study's MLflow run")
+    return rep
 
 
 @app.command()

@@ -229,8 +229,3 @@ def enqueue_retries(study: optuna.Study, killed: list) -> int:
         study.enqueue_trial(dict(t.params), user_attrs={T_RETRY_OF: t.number}, skip_if_exists=False)
         n += 1
     return n
-
-
-def trial_summary(t) -> dict[str, Any]:
-    return {"number": t.number, "state": t.state.name, "value": t.value if t.values and len(t.values) == 1 else t.values,
-            "params": dict(t.params), "reason": t.user_attrs.get(T_REASON)}

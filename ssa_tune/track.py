@@ -121,17 +121,17 @@ class Tracker:
         return run.info.run_id
 
     def finish_trial(self, run_id: str, state: str, reason: str | None = None, pruned_at: int | None = None,
-                     metrics: dict[str, float] | None = None) -> None:
+                     status: str | None = None) -> None:
+        """Tag the run with its Optuna state (and why) and close it; `status` overrides the MLflow status."""
+        from mlflow.entities import RunTag
+
         tags = {STATE: state}
         if reason:
             tags[REASON] = reason[:5000]
         if pruned_at is not None:
             tags[PRUNED_AT] = str(pruned_at)
-        for k, v in tags.items():
-            _retry(self.client.set_tag, run_id, k, v)
-        if metrics:
-            log_metrics(self.uri, run_id, metrics, step=None, client=self.client)
-        _retry(self.client.set_terminated, run_id, _STATUS.get(state, "FAILED"))
+        _retry(self.client.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        _retry(self.client.set_terminated, run_id, status or _STATUS.get(state, "FAILED"))
 
     def log_study(self, run_id: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
                   metrics: dict[str, float] | None = None) -> None:
@@ -157,12 +157,11 @@ class Tracker:
             except Exception:
                 continue
             if run.info.status == "RUNNING":
-                self.finish_trial(rid, "FAIL", reason)
-                self.client.set_terminated(rid, "KILLED")
+                self.finish_trial(rid, "FAIL", reason, status="KILLED")
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None, client=None) -> None:
-    """One batched write of the finite numeric metrics (MLflow rejects NaN-free batches poorly)."""
+    """Batched writes of the finite numeric metrics (non-numbers and NaN/inf are left out)."""
     from mlflow.entities import Metric
 
     client = client or _client(uri)

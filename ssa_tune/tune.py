@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import study as st
+import optuna
 from optuna.trial import TrialState
 
 from .errors import UserError
@@ -92,8 +93,8 @@ def _searcher_class():
                 return None
             ot = self._ot_trials[trial_id]
             dataset, model, train, ssa = self._spec.trial_config(config)
-            run_id = self._tracker.child_run(self._parent_run, self._spec.name if not self._study_name else
-                                             self._study_name, ot.number, trial_params(dataset, model, train, ssa))
+            run_id = self._tracker.child_run(self._parent_run, self._study_name, ot.number,
+                                             trial_params(dataset, model, train, ssa))
             self._ot_study._storage.set_trial_user_attr(ot._trial_id, st.T_RUN, run_id)
             self._runs[trial_id] = run_id
             return {**config, KEY_NUMBER: ot.number, KEY_RUN: run_id, KEY_TRIAL_ID: ot._trial_id}
@@ -292,7 +293,7 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
     check_tracking(target.tracking)
     target.workdir.mkdir(parents=True, exist_ok=True)
     storage = st.open_storage(target.storage)
-    existing = {s.study_name for s in __import__("optuna").get_all_study_summaries(storage)}
+    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     spec_json = json.dumps(spec.raw, sort_keys=True, default=str)
     budget = n_trials or spec.n_trials
     study = st.create_or_load(spec, storage, study_name)
@@ -304,8 +305,8 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
         alive = st.driver_alive(study)
         if alive:
             raise UserError(f"study {study_name!r} is being run by pid {alive['pid']} on this host", field="study")
-    study.set_user_attr(st.ATTR_SPEC, spec_json if study.user_attrs.get(st.ATTR_SPEC) is None or not resume
-                        else study.user_attrs[st.ATTR_SPEC])
+    if not (resume and st.ATTR_SPEC in study.user_attrs):  # resume keeps the spec the study was made with
+        study.set_user_attr(st.ATTR_SPEC, spec_json)
     study.set_user_attr(st.ATTR_SPEC_PATH, spec.path)
     study.set_user_attr(st.ATTR_DRIVER, {"host": socket.gethostname(), "pid": os.getpid()})
     study.set_user_attr("ssa_tune.n_trials", budget)
@@ -344,7 +345,7 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
             if time_left <= 0:
                 break
         failed_before = st.counts(study)["failed"]
-        _fit(spec, target, study_name, storage, tracker, parent, remaining, time_left, out)
+        _fit(spec, target, study, storage, tracker, parent, remaining, time_left, out)
         if st.counts(study)["failed"] == failed_before:
             break  # short of the budget without failures: the time limit ended it
     summary = status(study, target)
@@ -367,14 +368,15 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
             out.update(_flat(v, key + "."))
         else:
             out[key] = json.dumps(v) if isinstance(v, (dict, list)) else v
-    return {k: v for k, v in out.items() if k not in ("spec.storage", "spec.tracking", "storage", "tracking")}
+    return {k: v for k, v in out.items() if k not in ("storage", "tracking")}  # URLs may carry passwords
 
 
-def _fit(spec: JobSpec, target: Target, study_name: str, storage, tracker: Tracker, parent: str,
+def _fit(spec: JobSpec, target: Target, study, storage, tracker: Tracker, parent: str,
          num_samples: int, time_budget: float | None, out: Callable[[str], None]) -> None:
     from ray import tune
 
-    max_steps = spec.train_config({}).max_steps
+    study_name = study.study_name
+    max_steps = spec.max_steps
     if spec.train.get("max_tokens") is not None:
         max_steps = 10**9  # a token budget: only the scheduler's own max decides
     progress = _progress_callback(spec, out)
@@ -383,9 +385,7 @@ def _fit(spec: JobSpec, target: Target, study_name: str, storage, tracker: Track
     search = _searcher_class()(
         spec=spec, tracker=tracker, parent_run=parent, max_steps=max_steps, on_done=progress.done,
         metric=metrics if len(metrics) > 1 else metrics[0], mode=modes if len(modes) > 1 else modes[0],
-        sampler=st.make_sampler(spec, offset=len(storage.get_all_trials(storage.get_study_id_from_name(study_name), deepcopy=False))),
-        storage=storage, study_name=study_name)
-    search._study_name = study_name
+        sampler=st.make_sampler(spec, offset=len(study.trials)), storage=storage, study_name=study_name)
     cpus, gpus = float(spec.resources["cpus_per_trial"]), float(spec.resources["gpus_per_trial"])
     ctx = {"spec": json.dumps(spec.raw, default=str), "spec_path": spec.path, "cpus": cpus, "gpus": gpus,
            "tracking": target.tracking, "storage": target.storage, "study": study_name}
@@ -566,8 +566,9 @@ def run_robustness(study, spec: JobSpec, target: Target, out: Callable[[str], No
     verdict = None
     if baseline_id and best_ssa:
         for metric in ("latency_ms_per_token", "peak_mem_mb", "n_params", "tokens_per_s"):
-            s_vals = [v for v in collect("main", metric)[best_ssa] if v is not None]
-            b_vals = [v for v in collect("main", metric)[baseline_id] if v is not None]
+            table = collect("main", metric)
+            s_vals = [v for v in table[best_ssa] if v is not None]
+            b_vals = [v for v in table[baseline_id] if v is not None]
             if s_vals and b_vals:
                 costs[metric] = {"ssa": statistics.fmean(s_vals), "baseline": statistics.fmean(b_vals)}
         verdict = analyse.verdict(main[best_ssa], main[baseline_id], objective.direction, objective.metric, costs)
