@@ -1,8 +1,10 @@
-"""SSAConfig: every knob of Selective Self-Attention, frozen and validated, plus its file format.
+"""The frozen configs: SSAConfig (every knob of Selective Self-Attention), GPTConfig (the built-in model) and
+TrainConfig (one training run), plus the SSA config file format.
 
-No torch and no I/O beyond `save_config` / `load_config`, so the config can be built, logged to MLflow and
-sampled by Optuna anywhere. Choices are strings (resolved to modules in `attention.py`), so the same value
-logs as a param and samples as a categorical.
+No torch and no I/O beyond `save_config` / `load_config`, so a config can be built, validated, logged to
+MLflow and sampled by Optuna anywhere (`ssa-tune validate` never imports torch). Choices are strings
+(resolved to modules in `attention.py`), so the same value logs as a param and samples as a categorical.
+Every check goes through `checks`, whose errors read "FIELD: reason".
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Union
+
+from . import checks
 
 SCHEMA_VERSION = 1
 
@@ -44,10 +48,8 @@ class LayerPlacement:
     placement: Literal["top", "bottom", "middle", "interleave"] = "top"
 
     def __post_init__(self) -> None:
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
-            raise ValueError(f"layers.count: must be an integer >= 0, got {self.count!r}")
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"layers.placement: must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        checks.integer("layers.count", self.count, lo=0)
+        checks.choice("layers.placement", self.placement, PLACEMENTS)
 
     def resolve(self, n_layer: int) -> tuple[int, ...]:
         k = self.count
@@ -68,17 +70,6 @@ class LayerPlacement:
 
 
 LayerSpec = Union[Literal["all"], tuple[int, ...], LayerPlacement]
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}: must be one of {', '.join(choices)}, got {value!r}")
-
-
-def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -115,31 +106,20 @@ class SSAConfig:
     sample_rows: int = 32
 
     def __post_init__(self) -> None:
-        _check_choice("query_position", self.query_position, POSITION_KINDS)
+        checks.choice("query_position", self.query_position, POSITION_KINDS)
         for name in ("query_gate", "value_gate", "key_gate"):
-            _check_choice(name, getattr(self, name), GATE_KINDS)
-        if self.position_init is not None:
-            init = _check_number("position_init", self.position_init)
-            if self.query_position == "log_linear" and init < 0:
-                raise ValueError(f"position_init: must be >= 0 for log_linear (c = beta), got {init}")
-        a = _check_number("token_scale", self.token_scale)
-        if not 0.0 < a < 1.0:
-            raise ValueError(f"token_scale: must be in (0, 1), got {a}")
-        if not isinstance(self.per_head, bool):
-            raise ValueError(f"per_head: must be true or false, got {self.per_head!r}")
+            checks.choice(name, getattr(self, name), GATE_KINDS)
+        init = checks.number("position_init", self.position_init, allow_none=True)
+        if init is not None and self.query_position == "log_linear" and init < 0:
+            raise ValueError(f"position_init: must be >= 0 for log_linear (c = beta), got {init}")
+        checks.number("token_scale", self.token_scale, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+        checks.boolean("per_head", self.per_head)
         object.__setattr__(self, "layers", _normalise_layers(self.layers))
-        if self.sparsity_target is not None:
-            s = _check_number("sparsity_target", self.sparsity_target)
-            if not 0.0 < s < 1.0:
-                raise ValueError(f"sparsity_target: must be null or in (0, 1), got {s}")
-        w = _check_number("sparsity_weight", self.sparsity_weight)
-        if w < 0:
-            raise ValueError(f"sparsity_weight: must be >= 0, got {w}")
-        m = _check_number("temperature_lr_mult", self.temperature_lr_mult)
-        if m <= 0:
-            raise ValueError(f"temperature_lr_mult: must be > 0, got {m}")
-        if isinstance(self.sample_rows, bool) or not isinstance(self.sample_rows, int) or self.sample_rows < 1:
-            raise ValueError(f"sample_rows: must be an integer >= 1, got {self.sample_rows!r}")
+        checks.number("sparsity_target", self.sparsity_target, lo=0.0, hi=1.0, lo_open=True, hi_open=True,
+                      allow_none=True)
+        checks.number("sparsity_weight", self.sparsity_weight, lo=0.0)
+        checks.number("temperature_lr_mult", self.temperature_lr_mult, lo=0.0, lo_open=True)
+        checks.integer("sample_rows", self.sample_rows, lo=1)
 
     @property
     def beta_init(self) -> float:
@@ -179,6 +159,100 @@ class SSAConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SSAConfig":
         return from_dict(cls, data, "SSA")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The built-in decoder (`ssa_tune.GPT`): sizes, position encoding, causal or not."""
+
+    vocab_size: int = 256
+    seq_len: int = 128
+    n_layer: int = 2
+    n_head: int = 2
+    d_model: int = 64
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    bias: bool = True
+    position: Literal["learned", "rotary", "none"] = "learned"
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "mlp_ratio"):
+            checks.integer(name, getattr(self, name), lo=1)
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model: {self.d_model} must be divisible by n_head={self.n_head}")
+        checks.choice("position", self.position, ("learned", "rotary", "none"))
+        if self.position == "rotary" and (self.d_model // self.n_head) % 2:
+            raise ValueError("position: rotary needs an even head size")
+        checks.number("dropout", self.dropout, lo=0.0, hi=1.0, hi_open=True)
+        checks.boolean("bias", self.bias)
+        checks.boolean("causal", self.causal)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GPTConfig":
+        return from_dict(cls, data, "model")
+
+
+FREEZE_MODES = ("none", "base", "below")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: AdamW with warm-up + cosine, evaluation every `eval_every` steps.
+
+    freeze  none: train every parameter; base: only the SSA parameters; below: the converted layers and
+            everything above them (the lowest converted layer and up), the layers below stay frozen.
+    """
+
+    max_steps: int = 300
+    max_tokens: int | None = None  # a budget in tokens instead of steps (wins when set)
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_every: int = 50
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch threads; None = leave as is
+    latency_tokens: int = 16  # tokens decoded to measure inference latency at the end
+    freeze: Literal["none", "base", "below"] = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every"):
+            checks.integer(name, getattr(self, name), lo=1)
+        for name in ("warmup_steps", "seed", "latency_tokens"):
+            checks.integer(name, getattr(self, name), lo=0)
+        checks.integer("max_tokens", self.max_tokens, lo=1, allow_none=True)
+        checks.integer("threads", self.threads, lo=1, allow_none=True)
+        for name in ("lr", "grad_clip"):
+            checks.number(name, getattr(self, name), lo=0.0, lo_open=True)
+        checks.number("weight_decay", self.weight_decay, lo=0.0)
+        checks.number("min_lr_frac", self.min_lr_frac, lo=0.0, hi=1.0)
+        for name in ("beta1", "beta2"):
+            checks.number(name, getattr(self, name), lo=0.0, hi=1.0, hi_open=True)
+        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+            raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        checks.choice("freeze", self.freeze, FREEZE_MODES)
+
+    @property
+    def total_steps(self) -> int | None:
+        """The steps a run trains for when it is set in steps; None when a token budget decides."""
+        return self.max_steps if self.max_tokens is None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return from_dict(cls, data, "train")
 
 
 def from_dict(cls, data: Any, what: str):

@@ -51,15 +51,3 @@ def convert(model: nn.Module, cfg: SSAConfig) -> nn.Module:
         adapter.convert(model, i, cfg)
     model.ssa = cfg
     return model
-
-
-def _register_builtin() -> None:
-    from .model import GPT
-
-    register_adapter(
-        GPT,
-        Adapter(layers=lambda m: m.attention_layers, convert=lambda m, i, cfg: m.attention_layers[i].set_ssa(cfg)),
-    )
-
-
-_register_builtin()

@@ -3,50 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import KVCache, SelectiveSelfAttention, rope_cache
-from .config import SSAConfig, from_dict
-
-
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int = 256
-    seq_len: int = 128
-    n_layer: int = 2
-    n_head: int = 2
-    d_model: int = 64
-    mlp_ratio: int = 4
-    dropout: float = 0.0
-    bias: bool = True
-    position: Literal["learned", "rotary", "none"] = "learned"
-    causal: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "mlp_ratio"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model: {self.d_model} must be divisible by n_head={self.n_head}")
-        if self.position == "rotary" and (self.d_model // self.n_head) % 2:
-            raise ValueError("position: rotary needs an even head size")
-        if self.position not in ("learned", "rotary", "none"):
-            raise ValueError(f"position: must be one of learned, rotary, none, got {self.position!r}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GPTConfig":
-        return from_dict(cls, data, "model")
+from .config import GPTConfig, SSAConfig
+from .convert import Adapter, convert, register_adapter
 
 
 class MLP(nn.Module):
@@ -101,8 +65,6 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.ssa: SSAConfig | None = None
         if ssa is not None:
-            from .convert import convert
-
             convert(self, ssa)
 
     @staticmethod
@@ -167,3 +129,8 @@ class GPT(nn.Module):
             out.append(nxt)
             logits, _ = self(nxt, cache=cache)
         return torch.cat(out, dim=1)
+
+
+# the built-in model's adapter lives with the model (convert.py stays a registry of adapters)
+register_adapter(GPT, Adapter(layers=lambda m: m.attention_layers,
+                              convert=lambda m, i, cfg: m.attention_layers[i].set_ssa(cfg)))

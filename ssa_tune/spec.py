@@ -17,8 +17,7 @@ import yaml
 
 from .config import SSAConfig
 from .errors import UserError
-from .model import GPTConfig
-from .train import TrainConfig
+from .config import GPTConfig, TrainConfig
 
 SECTIONS = ("name", "dataset", "model", "train", "ssa", "search", "objective", "budget", "scheduler",
             "resources", "sampler", "storage", "tracking", "baseline", "robustness")

@@ -9,71 +9,16 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from .config import SSAConfig, from_dict
+from .config import GPTConfig, SSAConfig, TrainConfig
 from .errors import TrialFailed
-from .model import GPT, GPTConfig
+from .model import GPT
 from .optim import parameter_groups
 from .stats import attention_stats, flat_stats
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    max_steps: int = 300
-    max_tokens: int | None = None  # a budget in tokens instead of steps (wins when set)
-    batch_size: int = 16
-    grad_accum: int = 1
-    eval_every: int = 50
-    lr: float = 3e-3
-    min_lr_frac: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int | None = None  # torch threads; None = leave as is
-    latency_tokens: int = 16  # tokens decoded to measure inference latency at the end
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
-        for name in ("warmup_steps", "seed", "latency_tokens"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}: must be an integer >= 0, got {v!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
-            raise ValueError(f"max_tokens: must be null or an integer >= 1, got {self.max_tokens!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads: must be null or an integer >= 1, got {self.threads!r}")
-        for name in ("lr", "grad_clip"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
-                raise ValueError(f"{name}: must be a number > 0, got {v!r}")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
-            raise ValueError(f"weight_decay: must be a number >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.min_lr_frac, (int, float)) or not 0 <= self.min_lr_frac <= 1:
-            raise ValueError(f"min_lr_frac: must be in [0, 1], got {self.min_lr_frac!r}")
-        for name in ("beta1", "beta2"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 <= v < 1:
-                raise ValueError(f"{name}: must be in [0, 1), got {v!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
-            raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return from_dict(cls, data, "train")
 
 
 @dataclass

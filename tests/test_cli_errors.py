@@ -117,7 +117,7 @@ def test_real_process_prints_one_line_to_stderr(tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.strip() == f"error: {spec}: train.lrr: unknown train field " \
-        "(known: batch_size, beta1, beta2, device, eval_every, grad_accum, grad_clip, latency_tokens, lr, " \
+        "(known: batch_size, beta1, beta2, device, eval_every, freeze, grad_accum, grad_clip, latency_tokens, lr, " \
         "max_steps, max_tokens, min_lr_frac, seed, threads, warmup_steps, weight_decay)"
     assert not (tmp_path / "wd").exists()
 
