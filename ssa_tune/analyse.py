@@ -111,18 +111,27 @@ def top_pairs(imp: dict[str, dict], k: int = 2) -> list[tuple[str, str]]:
 
 def robust_summary(results: dict[str, list[float]], direction: str, penalty: float = 1.0) -> dict[str, dict]:
     """Per config: mean, std over seeds and the robust score mean - penalty*std (as a loss: mean + penalty*std
-    when minimising), ranked best first."""
+    when minimising), ranked best first.
+
+    A seed that failed counts, as the worst value any configuration reached on any seed: a configuration
+    whose seeds fail is penalised, never rewarded by a std over the survivors. All seeds failed: no score."""
     sign = 1.0 if direction == "minimize" else -1.0
+    finite = [v for vals in results.values() for v in vals if v is not None and math.isfinite(v)]
+    worst = (max(finite) if sign > 0 else min(finite)) if finite else None
     rows = {}
     for cid, values in results.items():
-        vals = [v for v in values if v is not None and math.isfinite(v)]
-        if not vals:
-            rows[cid] = {"mean": None, "std": None, "seeds": len(values), "values": list(values), "score": None}
+        ok = [v for v in values if v is not None and math.isfinite(v)]
+        failed = len(values) - len(ok)
+        if not ok:
+            rows[cid] = {"mean": None, "std": None, "seeds": len(values), "failed": failed, "values": list(values),
+                         "score": None}
             continue
+        vals = ok + [worst] * failed
         mean = statistics.fmean(vals)
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
         score = mean + penalty * std if sign > 0 else mean - penalty * std
-        rows[cid] = {"mean": mean, "std": std, "seeds": len(vals), "values": list(values), "score": score}
+        rows[cid] = {"mean": mean, "std": std, "seeds": len(values), "failed": failed, "values": list(values),
+                     "score": score}
     ranked = sorted(rows, key=lambda c: (rows[c]["score"] is None, sign * (rows[c]["score"] or 0.0)))
     for rank, cid in enumerate(ranked, 1):
         rows[cid]["rank"] = rank
@@ -145,44 +154,48 @@ def rank_stability(results: dict[str, list[float]]) -> float | None:
     return statistics.fmean(taus) if taus else None
 
 
-def difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict[str, Any]:
-    """mean(a) - mean(b) with a Welch t confidence interval over seeds."""
+def paired_difference(a: Sequence[float | None], b: Sequence[float | None], confidence: float = 0.95) -> dict[str, Any]:
+    """mean(a_i - b_i) over the seeds where both finished, with a paired t interval.
+
+    a[i] and b[i] are runs with the same seed (same batches, same initialisation of the shared weights, the
+    same evaluation data), so their difference cancels what the seed does to both; the interval is over
+    those per-seed differences (n - 1 degrees of freedom)."""
     from scipy import stats
 
-    a = [x for x in a if x is not None and math.isfinite(x)]
-    b = [x for x in b if x is not None and math.isfinite(x)]
-    if not a or not b:
-        return {"diff": None, "low": None, "high": None, "n": [len(a), len(b)]}
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    if len(a) < 2 or len(b) < 2:  # no spread to estimate: no interval, no claim
-        return {"diff": diff, "low": None, "high": None, "n": [len(a), len(b)]}
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return {"diff": diff, "low": diff, "high": diff, "n": [len(a), len(b)], "confidence": confidence}
-    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = stats.t.ppf(0.5 + confidence / 2, dof) * se
-    return {"diff": diff, "low": diff - half, "high": diff + half, "n": [len(a), len(b)], "confidence": confidence}
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    diffs = [x - y for x, y in pairs]
+    out: dict[str, Any] = {"diff": None, "low": None, "high": None, "n": len(diffs), "confidence": confidence,
+                           "method": f"paired t over {len(diffs)} shared seeds", "per_seed": diffs}
+    if not diffs:
+        return out
+    out["diff"] = statistics.fmean(diffs)
+    if len(diffs) < 2:  # no spread to estimate: no interval, no claim
+        return out
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    half = 0.0 if se == 0 else stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1) * se
+    out["low"], out["high"] = out["diff"] - half, out["diff"] + half
+    return out
 
 
-def verdict(ssa: Sequence[float], baseline: Sequence[float], direction: str, metric: str,
+def verdict(ssa: Sequence[float | None], baseline: Sequence[float | None], direction: str, metric: str,
             costs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Does SSA help on this dataset? The objective difference SSA - baseline with its interval, in words."""
-    d = difference(ssa, baseline)
+    """Does SSA help on this dataset? The paired difference SSA - baseline over shared seeds, in words."""
+    d = paired_difference(ssa, baseline)
     better_sign = -1.0 if direction == "minimize" else 1.0
+    pct = int(round(100 * d["confidence"]))
     if d["diff"] is None:
-        answer = "undecided: no finished runs of both SSA and the baseline"
+        answer = "undecided: no seed on which both SSA and the baseline finished"
     elif d["low"] is None:
-        answer = (f"undecided: {metric} SSA - baseline = {d['diff']:+.4g}, but with {d['n'][0]} SSA and "
-                  f"{d['n'][1]} baseline runs there is no interval (at least 2 of each are needed)")
-    elif d["low"] is not None and d["low"] > 0 or d["high"] is not None and d["high"] < 0:
+        answer = (f"undecided: {metric} SSA - baseline = {d['diff']:+.4g} on {d['n']} shared seed; an interval "
+                  f"needs at least 2")
+    elif d["low"] > 0 or d["high"] < 0:
         helps = (d["diff"] * better_sign) > 0
         answer = (f"SSA {'helps' if helps else 'hurts'}: {metric} {'-' if d['diff'] < 0 else '+'}"
-                  f"{abs(d['diff']):.4g} vs the baseline, and the {int(100 * d.get('confidence', 0.95))} % "
-                  "interval over seeds excludes 0")
+                  f"{abs(d['diff']):.4g} vs the baseline, and the {pct} % paired interval over {d['n']} seeds "
+                  f"[{d['low']:+.4g}, {d['high']:+.4g}] excludes 0")
     else:
-        answer = (f"no clear difference: {metric} SSA - baseline = {d['diff']:+.4g}, interval "
-                  f"[{d['low']:+.4g}, {d['high']:+.4g}] contains 0")
+        answer = (f"no clear difference: {metric} SSA - baseline = {d['diff']:+.4g}, {pct} % paired interval over "
+                  f"{d['n']} seeds [{d['low']:+.4g}, {d['high']:+.4g}] contains 0")
     return {"metric": metric, "direction": direction, "ssa_minus_baseline": d, "answer": answer,
             "costs": costs or {}}
 

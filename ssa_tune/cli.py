@@ -51,7 +51,7 @@ def _print_json(obj) -> None:
 
 
 def _target(spec=None, workdir=None, storage=None, tracking=None, study=None):
-    from .tune import resolve_target
+    from .driver import resolve_target
 
     return resolve_target(getattr(spec, "storage", None), getattr(spec, "tracking", None), workdir, storage,
                           tracking, study)
@@ -85,11 +85,11 @@ def validate(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
              set_: Annotated[Optional[list[str]], typer.Option("--set", help="dotted.key=value override")] = None):
     """Check a job spec; print a one-line summary."""
     from .spec import load_spec
-    from .study import searched_params
 
     s = load_spec(spec, set_)
-    names = [p.name for p in searched_params(s)]
-    typer.echo(f"ok: {spec}: study {s.name}, dataset {s.dataset['kind']}, {s.n_trials} trials, "
+    names = [p.name for p in s.searched()]
+    arms = " + ".join(f"{a} {n}" for a, n in s.arm_budgets().items())
+    typer.echo(f"ok: {spec}: study {s.name}, dataset {s.dataset['kind']}, {s.n_trials} trials ({arms}), "
                f"{len(names)} searched parameters ({', '.join(names) or 'none'})")
 
 
@@ -128,34 +128,37 @@ def train(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
 
 
 def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
-    from .tune import run_study
+    import optuna
+
+    from . import study as st
+    from .driver import run_study
+    from .robustness import ATTR_ROBUSTNESS, run_robustness
+    from .tune import in_ray_job
 
     say = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
     summary = run_study(s, target, resume=resume, n_trials=trials, address=address, out=say)
     robust = None
     if s.robustness is not None and summary["best"] is not None:
-        import optuna
-
-        from . import study as st
-        from .tune import ATTR_ROBUSTNESS, run_robustness
-
         loaded = optuna.load_study(study_name=summary["study"], storage=st.open_storage(target.storage))
         if summary["new_trials"] or loaded.user_attrs.get(ATTR_ROBUSTNESS) is None:
             run_robustness(loaded, s, target, out=say, address=address)
         else:
             say("robustness: already done for these trials (ssa-tune robustness STUDY re-runs it)")
-        report_dir = (target.workdir / "reports" / loaded.study_name).resolve()
-        rep = _write_report(loaded, target, report_dir, say)
-        summary["report"] = str(report_dir / "report.html")
+        rep = _write_report(loaded, target, None, say)
+        summary["report"] = rep.get("path")
         summary["verdict"] = (rep.get("verdict") or {}).get("answer")
         summary["winner"] = rep.get("winner")
         robust = loaded.user_attrs.get(ATTR_ROBUSTNESS)
     if as_json:
         _print_json(summary)
         return
-    best = summary["best"]
     c = summary["trials"]
     typer.echo(f"\nstudy {summary['study']}: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed")
+    for arm, ac in summary["trials_by_arm"].items():
+        b = summary["best_by_arm"].get(arm)
+        best_txt = f"best #{b['number']} {s.objectives[0].metric} = {_num(b['value'])}" if b else "no complete trial"
+        typer.echo(f"  {arm:<8} {ac['complete']} complete, {ac['pruned']} pruned, {ac['failed']} failed; {best_txt}")
+    best = summary["best"]
     if robust and robust.get("winner") in robust.get("configs", {}):
         w = robust["summary"][robust["winner"]]
         typer.echo(f"winner {robust['winner']} (robust score over {w['seeds']} fresh seeds): "
@@ -163,12 +166,23 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
         for k, v in robust["configs"][robust["winner"]].items():
             typer.echo(f"  {k}: {v}")
     elif best:
-        typer.echo(f"best trial #{best['number']}: {s.objectives[0].metric} = {best['value']}")
+        typer.echo(f"best trial #{best['number']} ({best['arm']}): {s.objectives[0].metric} = {_num(best['value'])}")
         for k, v in best["params"].items():
             typer.echo(f"  {k}: {v}")
-    wd = f" --workdir {target.workdir}" if target.workdir != Path(".ssa_tune").resolve() else ""
-    typer.echo(f"\nexport: ssa-tune export {summary['study']} -o best.yaml{wd}")
-    typer.echo(f"MLflow UI: ssa-tune ui{wd}   (or: mlflow ui --backend-store-uri {target.tracking})")
+    where = ""
+    if target.workdir != Path(".ssa_tune").resolve() and not in_ray_job():
+        where = f" --workdir {target.workdir}"
+    elif in_ray_job():
+        where = f" --storage {st.redact(target.storage)} --tracking-uri {st.redact(target.tracking)}"
+    typer.echo(f"\nexport: ssa-tune export {summary['study']} -o best.yaml{where}")
+    if summary.get("mlflow_ui"):
+        typer.echo(f"MLflow UI: {summary['mlflow_ui']}")
+    else:
+        typer.echo(f"MLflow UI: ssa-tune ui{where}   (or: mlflow ui --backend-store-uri {target.tracking})")
+
+
+def _num(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 @app.command()
@@ -178,7 +192,7 @@ def run(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
         workdir: Workdir = None, study: Annotated[Optional[str], typer.Option("--study", help="Study name.")] = None,
         storage: Storage = None, tracking_uri: Tracking = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="dotted.key=value override")] = None,
-        address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address.")] = None,
+        address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster (GCS) address; default: a local Ray.")] = None,
         as_json: AsJson = False):
     """Run a tuning study: Optuna search, trials on Ray Tune, every trial logged to MLflow."""
     from .spec import load_spec
@@ -191,23 +205,84 @@ def run(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
 @app.command()
 @_edge
 def submit(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
-           address: Annotated[str, typer.Option("--address", help="Ray Jobs address, e.g. http://head:8265.")],
+           address: Annotated[Optional[str], typer.Option("--address", help="Ray Jobs address, e.g. http://head:8265 (default $RAY_ADDRESS).")] = None,
+           trials: Annotated[Optional[int], typer.Option("--trials", min=1, help="Override budget.n_trials.")] = None,
            study: Annotated[Optional[str], typer.Option("--study", help="Study name.")] = None,
            storage: Storage = None, tracking_uri: Tracking = None,
            set_: Annotated[Optional[list[str]], typer.Option("--set", help="dotted.key=value override")] = None,
-           wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish.")] = False):
-    """Submit a study to a Ray cluster (Ray Jobs); trials share a PostgreSQL study and an MLflow server."""
+           workdir: Annotated[Optional[str], typer.Option("--workdir", help="Work dir on the cluster (default: the job's own).")] = None,
+           shared: Annotated[Optional[list[str]], typer.Option("--shared-path", help="A folder every node mounts; data under it is not shipped.")] = None,
+           wait: Annotated[bool, typer.Option("--wait", help="Follow the job's log until it ends.")] = False):
+    """Submit a study to a Ray cluster (Ray Jobs); its trials share a PostgreSQL study and an MLflow server."""
+    from .jobs import submit as submit_job
     from .spec import load_spec
-    from .tune import submit as submit_job
 
     s = load_spec(spec, set_)  # validated here, before anything reaches the cluster
     storage = storage or s.storage
     tracking_uri = tracking_uri or s.tracking
     if storage is None or storage.startswith("sqlite"):
         raise UserError("a cluster study needs a shared storage URL (e.g. postgresql://...)", str(spec), "storage")
-    if tracking_uri is None or tracking_uri.startswith("sqlite"):
+    if tracking_uri is None or not tracking_uri.startswith(("http://", "https://")):
         raise UserError("a cluster study needs an MLflow tracking server URI (http://...)", str(spec), "tracking")
-    submit_job(spec.resolve(), address, storage, tracking_uri, study, set_ or [], wait, out=typer.echo)
+    submit_job(s, address, storage=storage, tracking=tracking_uri, study=study, trials=trials, workdir=workdir,
+               shared=shared or [], wait=wait, out=typer.echo)
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs of a cluster: list, status, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
+Address = Annotated[Optional[str], typer.Option("--address", help="Ray Jobs address (default $RAY_ADDRESS).")]
+
+
+@jobs_app.command("list")
+@_edge
+def jobs_list(address: Address = None, all_jobs: Annotated[bool, typer.Option("--all", help="Every job, not only ssa-tune's.")] = False,
+              as_json: AsJson = False):
+    """The cluster's ssa-tune jobs, newest first."""
+    from . import jobs
+
+    rows = jobs.list_jobs(jobs.client(address), all_jobs)
+    if as_json:
+        _print_json(rows)
+        return
+    for r in rows:
+        typer.echo(f"{r['id']}\t{r['status']}\t{r['study'] or '-'}")
+
+
+@jobs_app.command("status")
+@_edge
+def jobs_status(job: Annotated[str, typer.Argument(help="Job id.")], address: Address = None, as_json: AsJson = False):
+    """One job's status."""
+    from . import jobs
+
+    row = jobs.status(jobs.client(address), job)
+    if as_json:
+        _print_json(row)
+        return
+    msg = f" ({row['message'][0]})" if row["message"] else ""
+    typer.echo(f"{row['id']}: {row['status']}{msg}; study {row['study'] or '-'}")
+
+
+@jobs_app.command("logs")
+@_edge
+def jobs_logs(job: Annotated[str, typer.Argument(help="Job id.")], address: Address = None,
+              follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False):
+    """A job's log (its study's progress lines)."""
+    from . import jobs
+
+    c = jobs.client(address)
+    if follow:
+        jobs.follow(c, job, typer.echo)
+    else:
+        typer.echo(jobs.logs(c, job), nl=False)
+
+
+@jobs_app.command("stop")
+@_edge
+def jobs_stop(job: Annotated[str, typer.Argument(help="Job id.")], address: Address = None):
+    """Stop a job: its driver marks its running trials FAIL (re-run by `ssa-tune resume`)."""
+    from . import jobs
+
+    typer.echo(f"{job}: {jobs.stop(jobs.client(address), job)}")
 
 
 @app.command()
@@ -223,15 +298,15 @@ def resume(study: Annotated[str, typer.Argument(help="Study name.")], workdir: W
     loaded, target = _open(study, workdir, storage, tracking_uri)
     raw = st.study_spec(loaded)
     s = validate_spec(raw, loaded.user_attrs.get(st.ATTR_SPEC_PATH, study), check_data=False)
-    _run_or_resume(s, target, True, loaded.user_attrs.get("ssa_tune.n_trials"), address, as_json)
+    _run_or_resume(s, target, True, loaded.user_attrs.get(st.ATTR_N_TRIALS), address, as_json)
 
 
 @app.command()
 @_edge
 def status(study: Annotated[Optional[str], typer.Argument(help="Study name.")] = None, workdir: Workdir = None,
            storage: Storage = None, tracking_uri: Tracking = None, as_json: AsJson = False):
-    """Trial counts and the best trial of a study."""
-    from .tune import status as study_status
+    """Trial counts per arm, the best trial of each, running drivers, and anything waiting."""
+    from .driver import status as study_status
 
     loaded, target = _open(study, workdir, storage, tracking_uri)
     summary = study_status(loaded, target)
@@ -241,15 +316,43 @@ def status(study: Annotated[Optional[str], typer.Argument(help="Study name.")] =
     c = summary["trials"]
     typer.echo(f"study {summary['study']} ({summary['storage']})")
     typer.echo("  " + ", ".join(f"{v} {k}" for k, v in c.items()) + f" of budget {summary['n_trials']}")
-    if summary["best"]:
-        typer.echo(f"  best #{summary['best']['number']}: {summary['best']['value']}  {summary['best']['params']}")
+    for arm, ac in summary["trials_by_arm"].items():
+        b = summary["best_by_arm"].get(arm)
+        typer.echo(f"  {arm:<8} " + ", ".join(f"{v} {k}" for k, v in ac.items())
+                   + (f"; best #{b['number']}: {_num(b['value'])}  {b['params']}" if b else ""))
+    for d in summary["drivers"]:
+        typer.echo(f"  running: driver pid {d['pid']} on {d['host']}")
+    w = summary["waiting_for_resources"]
+    if w:
+        import datetime
+
+        since = datetime.datetime.fromtimestamp(w["since"]).strftime("%H:%M:%S")
+        typer.echo(f"  waiting for resources since {since}: {w['pending']} trial(s) ask {w['asks']}")
+    if summary["mlflow_pending"]:
+        typer.echo(f"  MLflow: not yet mirrored: {', '.join(summary['mlflow_pending'])} "
+                   f"(ssa-tune sync {summary['study']} re-sends them)")
+
+
+@app.command()
+@_edge
+def sync(study: Annotated[str, typer.Argument(help="Study name.")], workdir: Workdir = None,
+         storage: Storage = None, tracking_uri: Tracking = None):
+    """Send to MLflow what earlier drivers could not (the tracking server was away when they ended)."""
+    from .driver import sync as sync_study
+
+    loaded, target = _open(study, workdir, storage, tracking_uri)
+    res = sync_study(loaded, target)
+    left = f"; still pending: {', '.join(res['still_pending'])}" if res["still_pending"] else ""
+    typer.echo(f"mlflow: sent {res['sent']} write(s){left}")
+    if res["still_pending"]:
+        raise typer.Exit(1)
 
 
 @app.command()
 @_edge
 def best(study: Annotated[str, typer.Argument(help="Study name.")], workdir: Workdir = None,
          storage: Storage = None, tracking_uri: Tracking = None, as_json: AsJson = False):
-    """The best trial: number, value, params and its last metrics."""
+    """The best trial: number, arm, value, params and its last metrics."""
     from . import study as st
 
     loaded, target = _open(study, workdir, storage, tracking_uri)
@@ -257,12 +360,12 @@ def best(study: Annotated[str, typer.Argument(help="Study name.")], workdir: Wor
     if t is None:
         raise UserError(f"study {loaded.study_name!r} has no complete trial yet", field="STUDY")
     metrics = _run_metrics(target.tracking, t.user_attrs.get(st.T_RUN))
-    out = {"number": t.number, "value": t.value if len(t.values) == 1 else t.values, "params": dict(t.params),
-           "metrics": metrics}
+    out = {"number": t.number, "arm": st.arm_of(t), "value": t.value if len(t.values) == 1 else t.values,
+           "params": dict(t.params), "metrics": metrics}
     if as_json:
         _print_json(out)
     else:
-        typer.echo(f"best trial #{t.number}: {out['value']}")
+        typer.echo(f"best trial #{t.number} ({out['arm']}): {out['value']}")
         for k, v in out["params"].items():
             typer.echo(f"  {k}: {v}")
 
@@ -291,8 +394,8 @@ def studies(workdir: Workdir = None, storage: Storage = None, as_json: AsJson = 
     s = st.open_storage(target.storage, create=False)
     rows = []
     for summ in optuna.get_all_study_summaries(s):
-        rows.append({"study": summ.study_name, "n_trials": summ.n_trials,
-                     "best": None if summ.best_trial is None else summ.best_trial.value})
+        best = summ.best_trial.value if summ.best_trial is not None and len(summ.directions) == 1 else None
+        rows.append({"study": summ.study_name, "n_trials": summ.n_trials, "best": best})
     if as_json:
         _print_json(rows)
     else:
@@ -315,7 +418,7 @@ def export(study: Annotated[str, typer.Argument(help="Study name.")],
     if fmt is not None and output.suffix.lower() not in (f".{fmt}", ".yml" if fmt == "yaml" else ".json"):
         output = output.with_suffix(f".{fmt}")
     path, info = export_best(loaded, target, output)
-    typer.echo(f"wrote {path}: trial #{info['trial']} ({info['winner']}); "
+    typer.echo(f"wrote {path}: trial #{info['trial']} ({info['winner']}, {info['selected_by']}); "
                f"use: ssa_tune.convert(model, ssa_tune.load_config({str(path)!r}))")
 
 
@@ -325,10 +428,10 @@ def robustness(study: Annotated[str, typer.Argument(help="Study name.")], workdi
                storage: Storage = None, tracking_uri: Tracking = None,
                address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster address.")] = None,
                report_dir: Annotated[Optional[Path], typer.Option("--report", help="Also write the report here.")] = None):
-    """Re-train the study's top configs and the baseline with fresh seeds; pick the robust winner."""
+    """Re-train the study's top configs and each arm's best with fresh seeds; pick the robust winner; confirm."""
     from . import study as st
+    from .robustness import run_robustness
     from .spec import validate as validate_spec
-    from .tune import run_robustness
 
     loaded, target = _open(study, workdir, storage, tracking_uri)
     s = validate_spec(st.study_spec(loaded), loaded.user_attrs.get(st.ATTR_SPEC_PATH, study), check_data=False)
@@ -337,14 +440,29 @@ def robustness(study: Annotated[str, typer.Argument(help="Study name.")], workdi
         _write_report(loaded, target, report_dir)
 
 
-def _write_report(loaded, target, out_dir: Path, say=typer.echo) -> dict:
-    from .report import build, log_to_mlflow
+def _write_report(loaded, target, out_dir: Path | None, say=typer.echo) -> dict:
+    """Write the report (to WORKDIR/reports/STUDY by default) and attach it to the study's MLflow run.
+    Inside a Ray job the job's folder is temporary: the MLflow run is where the report stays."""
+    import tempfile
 
+    from .report import build, log_to_mlflow
+    from .tune import in_ray_job
+
+    temporary = out_dir is None and in_ray_job()
+    if out_dir is None:
+        out_dir = Path(tempfile.mkdtemp(prefix="ssa-tune-report-")) if temporary else \
+            target.workdir / "reports" / loaded.study_name
     out_dir = out_dir.resolve()
     rep = build(loaded, target, out_dir)
-    log_to_mlflow(loaded, target, out_dir, rep)
-    say(f"report: {out_dir / 'report.html'} (+ report.json, {', '.join(f for f in rep['files'] if f.endswith('.png'))}); "
-        f"logged to the study's MLflow run")
+    where = log_to_mlflow(loaded, target, out_dir, rep)
+    pngs = ", ".join(f for f in rep["files"] if f.endswith(".png"))
+    if temporary:
+        say(f"report: in MLflow, artifacts report/ of the study's run{f' ({where})' if where else ''}; "
+            f"`ssa-tune report {loaded.study_name} --storage ... --tracking-uri ...` writes it locally")
+        rep["path"] = where
+    else:
+        say(f"report: {out_dir / 'report.html'} (+ report.json, {pngs}); logged to the study's MLflow run")
+        rep["path"] = str(out_dir / "report.html")
     return rep
 
 

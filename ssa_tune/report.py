@@ -17,8 +17,9 @@ from optuna.trial import TrialState
 
 from . import analyse
 from . import study as st
+from .driver import Target
+from .robustness import ATTR_ROBUSTNESS
 from .spec import SSA_SWITCH, validate
-from .tune import ATTR_ROBUSTNESS, Target
 
 
 def _fmt(v, digits=4) -> str:
@@ -285,13 +286,14 @@ def _html(study: optuna.Study, spec, report: dict, imps: dict) -> str:
         version=__version__, generated=report["generated"])
 
 
-def log_to_mlflow(study: optuna.Study, target: Target, out_dir: Path, report: dict) -> None:
-    """Attach the report to the study's parent run, and the headline numbers as its metrics."""
-    from .track import Tracker
+def log_to_mlflow(study: optuna.Study, target: Target, out_dir: Path, report: dict) -> str | None:
+    """Attach the report to the study's parent run, and the headline numbers as its metrics; returns where the
+    run is in the MLflow UI (for a tracking server)."""
+    from .track import Tracker, experiment_url
 
     parent = study.user_attrs.get(st.ATTR_PARENT_RUN)
     if not parent:
-        return
+        return None
     tracker = Tracker(target.tracking, study.study_name, target.workdir / "mlartifacts")
     tracker.client.log_artifacts(parent, str(out_dir), artifact_path="report")
     metrics = {}
@@ -303,3 +305,5 @@ def log_to_mlflow(study: optuna.Study, target: Target, out_dir: Path, report: di
         metrics["verdict.ssa_minus_baseline"] = v["ssa_minus_baseline"]["diff"]
     tags = {"ssa_tune.verdict": v["answer"] if v else "undecided", "ssa_tune.winner": str(report["winner"])}
     tracker.log_study(parent, metrics=metrics, tags=tags)
+    url = experiment_url(target.tracking, tracker.experiment_id)
+    return f"{url.removesuffix('/runs')}/runs/{parent}" if url else None

@@ -15,12 +15,16 @@ from typing import Any
 
 import yaml
 
-from .config import SSAConfig
+from . import checks
+from .config import GPTConfig, SSAConfig, TrainConfig, _yaml_load
 from .errors import UserError
-from .config import GPTConfig, TrainConfig
 
 SECTIONS = ("name", "dataset", "model", "train", "ssa", "search", "objective", "budget", "scheduler",
             "resources", "sampler", "storage", "tracking", "baseline", "robustness")
+# the two arms of a study that answers "does SSA help here?"; a study without a baseline has the SSA arm only
+ARMS = ("baseline", "ssa")
+RESOURCE_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "memory_gb": None, "custom": {}, "max_concurrent": 2,
+                     "autoscale": False, "wait_for_resources_s": 600}
 PARAM_TYPES = ("float", "int", "categorical", "bool")
 SCHEDULERS = ("asha", "hyperband", "median", "none")
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "nsga2")
@@ -74,6 +78,7 @@ class JobSpec:
     tracking: str | None
     baseline: bool
     robustness: dict | None
+    baseline_share: float = 0.5
     raw: dict = field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -81,8 +86,58 @@ class JobSpec:
         return len(self.objectives) > 1
 
     @property
+    def arms(self) -> tuple[str, ...]:
+        """("baseline", "ssa") when the study compares SSA with plain attention, else the one arm it has."""
+        if self.ssa is None:
+            return ("baseline",)
+        return ARMS if self.baseline else ("ssa",)
+
+    def arm_budgets(self, n_trials: int | None = None) -> dict[str, int]:
+        """Each arm's share of the budget (at least one trial each)."""
+        n = self.n_trials if n_trials is None else n_trials
+        if len(self.arms) == 1:
+            return {self.arms[0]: n}
+        base = min(max(1, round(n * self.baseline_share)), n - 1) if n > 1 else 1
+        return {"baseline": base, "ssa": max(1, n - base)}
+
+    def trial_resources(self) -> dict[str, float]:
+        """What one trial asks Ray for (CPU, GPU, memory in bytes, custom resources)."""
+        r = self.resources
+        out = {"CPU": float(r["cpus_per_trial"]), "GPU": float(r["gpus_per_trial"])}
+        if r.get("memory_gb"):
+            out["memory"] = float(r["memory_gb"]) * 2**30
+        out.update({k: float(v) for k, v in (r.get("custom") or {}).items()})
+        return {k: v for k, v in out.items() if v > 0}
+
+    @property
     def max_steps(self) -> int:
         return self.train_config({}).max_steps
+
+    def searched(self, arm: str | None = None) -> list[Param]:
+        """The parameters an arm samples (no arm: every one). The baseline arm samples no ssa.* knob."""
+        return [p for p in self.search if not (arm == "baseline" and p.name.startswith("ssa."))]
+
+    def local_paths(self) -> dict[str, str]:
+        """The files and folders this spec reads, by dotted key (a text corpus, token files, a checkpoint)."""
+        out = {}
+        if self.dataset.get("path"):
+            out["dataset.path"] = str(self.dataset["path"])
+        if self.dataset.get("tokenizer"):
+            out["dataset.tokenizer"] = str(self.dataset["tokenizer"])
+        if self.model.get("path"):
+            out["model.path"] = str(self.model["path"])
+        return out
+
+    def relative_raw(self, base: Path) -> dict:
+        """The raw spec with the paths under `base` written relative to it: inside a Ray job the data shipped
+        with the job sits in the job's working dir, whose absolute path differs from node to node."""
+        raw = copy.deepcopy(self.raw)
+        for key, value in self.local_paths().items():
+            section, field_ = key.split(".")
+            p = Path(value)
+            if p.is_absolute() and p.is_relative_to(base):
+                raw[section][field_] = str(p.relative_to(base))
+        return raw
 
     def fixed_values(self) -> dict[str, Any]:
         """Dotted key -> value for every fixed setting (what `when` conditions may also refer to)."""
@@ -110,11 +165,19 @@ class JobSpec:
         return dataset, model, train, ssa
 
     def baseline_params(self) -> dict[str, Any]:
-        """The enqueued baseline trial: SSA off, every other searched value at its fixed setting if it has one."""
-        out: dict[str, Any] = {SSA_SWITCH: False}
+        """The baseline arm's first trial: SSA off, every other searched value at its fixed setting if it has one."""
+        return {SSA_SWITCH: False, **self.default_params("baseline")}
+
+    def default_params(self, arm: str) -> dict[str, Any]:
+        """An arm's starting point: every searched value at the spec's fixed setting when it has one (for the
+        SSA arm the `ssa:` section, the paper's configuration in the ready-made specs; for the baseline arm
+        the plain model, so no ssa.* value)."""
+        out: dict[str, Any] = {}
         fixed = self.fixed_values()
         for p in self.search:
-            if p.name.startswith("ssa.") or p.name not in fixed:
+            if arm == "baseline" and p.name.startswith("ssa.") or p.name not in fixed:
+                continue
+            if not p.active(fixed):
                 continue
             v = fixed[p.name]
             if p.type in ("categorical", "bool") and v in p.choices:
@@ -154,7 +217,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, check_data: 
     except OSError as e:
         raise UserError(f"cannot read: {e.strerror or e}", file) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -166,8 +229,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, check_data: 
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--set {item!r}: expected dotted.key=value", file)
-        try:
-            parsed = yaml.safe_load(value)
+        try:  # YAML as in the file (1e-3 is a number, as the CLI's own help example writes it)
+            parsed = _yaml_load(value)
         except yaml.YAMLError:
             parsed = value
         _set_dotted(raw, key.strip(), parsed)
@@ -175,10 +238,12 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, check_data: 
 
 
 def _set_dotted(d: dict, key: str, value: Any) -> None:
+    """Set `a.b.c` in nested mappings; a scalar on the way (`layers: all` under `ssa.layers.count`) is
+    replaced by a mapping, as the override asks for one."""
     parts = key.split(".")
     node = d
     for p in parts[:-1]:
-        if node.get(p) is None:
+        if not isinstance(node.get(p), dict):
             node[p] = {}
         node = node[p]
     node[parts[-1]] = value
@@ -208,19 +273,24 @@ def _field_error(file: str, section: str, e: Exception) -> UserError:
     return _err(file, section, msg)
 
 
+def _check(file: str, fn, field: str, *args, **kwargs):
+    """Run a `checks` validator and turn its "FIELD: reason" into the spec's one-line error."""
+    try:
+        return fn(field, *args, **kwargs)
+    except ValueError as e:
+        head, _, rest = str(e).partition(": ")
+        raise _err(file, head, rest) from None
+
+
 def _number(file, field, v, kind=float, minimum=None, allow_none=False):
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
-        raise _err(file, field, f"must be {'an integer' if kind is int else 'a number'}, got {v!r}")
-    if isinstance(v, float) and not math.isfinite(v):
-        raise _err(file, field, f"must be finite, got {v!r}")
-    if minimum is not None and v < minimum:
-        raise _err(file, field, f"must be >= {minimum}, got {v!r}")
-    return v
+    if kind is int:
+        return _check(file, checks.integer, field, v, lo=minimum, allow_none=allow_none)
+    return _check(file, checks.number, field, v, lo=minimum, allow_none=allow_none)
 
 
-def validate(raw: dict, file: str, check_data: bool = True) -> JobSpec:
+def validate(raw: dict, file: str, check_data: bool = True, base_dir: str | Path | None = None) -> JobSpec:
+    """Check a raw spec and return the JobSpec. Relative paths inside it are relative to `base_dir` (default:
+    the current directory, where the user stands) and are stored absolute: trials run elsewhere."""
     unknown = [k for k in raw if k not in SECTIONS]
     if unknown:
         raise _err(file, str(unknown[0]), f"unknown key (expected one of: {', '.join(SECTIONS)})")
@@ -229,7 +299,7 @@ def validate(raw: dict, file: str, check_data: bool = True) -> JobSpec:
         raise _err(file, "name", f"must be letters, digits, '-', '_' or '.', got {name!r}")
 
     dataset = dict(_mapping(raw, "dataset", file, required=True))
-    _check_dataset(dataset, file, check_data)
+    _check_dataset(dataset, file, check_data, Path(base_dir) if base_dir else Path.cwd())
     model = dict(_mapping(raw, "model", file))
     train = dict(_mapping(raw, "train", file))
     ssa_raw = raw.get("ssa", {})
@@ -257,9 +327,14 @@ def validate(raw: dict, file: str, check_data: bool = True) -> JobSpec:
     objectives = _check_objective(raw.get("objective"), file)
 
     budget = _mapping(raw, "budget", file)
-    _unknown(budget, {"n_trials", "time_limit_s"}, file, "budget")
+    _unknown(budget, {"n_trials", "time_limit_s", "baseline_share"}, file, "budget")
     n_trials = _number(file, "budget.n_trials", budget.get("n_trials", 12), int, 1)
     time_limit = _number(file, "budget.time_limit_s", budget.get("time_limit_s"), float, 1, allow_none=True)
+    share = _check(file, checks.number, "budget.baseline_share", budget.get("baseline_share", 0.5), lo=0.0, hi=1.0,
+                   lo_open=True, hi_open=True)
+    two_arms = ssa is not None and baseline
+    if two_arms and n_trials < 2:
+        raise _err(file, "budget.n_trials", "must be >= 2: the baseline and the SSA arm get one trial each at least")
 
     scheduler = {"kind": "asha", "grace_steps": None, "reduction_factor": 3, **_mapping(raw, "scheduler", file)}
     _unknown(scheduler, {"kind", "grace_steps", "reduction_factor"}, file, "scheduler")
@@ -268,11 +343,21 @@ def validate(raw: dict, file: str, check_data: bool = True) -> JobSpec:
     _number(file, "scheduler.grace_steps", scheduler["grace_steps"], int, 1, allow_none=True)
     _number(file, "scheduler.reduction_factor", scheduler["reduction_factor"], float, 1.01)
 
-    resources = {"cpus_per_trial": 1, "gpus_per_trial": 0, "max_concurrent": 2, **_mapping(raw, "resources", file)}
-    _unknown(resources, {"cpus_per_trial", "gpus_per_trial", "max_concurrent"}, file, "resources")
+    resources = {**RESOURCE_DEFAULTS, **_mapping(raw, "resources", file)}
+    _unknown(resources, set(RESOURCE_DEFAULTS), file, "resources")
     _number(file, "resources.cpus_per_trial", resources["cpus_per_trial"], float, 0.01)
     _number(file, "resources.gpus_per_trial", resources["gpus_per_trial"], float, 0)
+    _check(file, checks.number, "resources.memory_gb", resources["memory_gb"], lo=0.0, lo_open=True, allow_none=True)
     _number(file, "resources.max_concurrent", resources["max_concurrent"], int, 1)
+    _check(file, checks.boolean, "resources.autoscale", resources["autoscale"])
+    _number(file, "resources.wait_for_resources_s", resources["wait_for_resources_s"], float, 1)
+    custom = _check(file, checks.mapping, "resources.custom", resources["custom"])
+    for k, v in custom.items():
+        if not isinstance(k, str) or k in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise _err(file, f"resources.custom.{k}", "must name a custom Ray resource (CPU, GPU and memory have "
+                       "their own keys)")
+        _number(file, f"resources.custom.{k}", v, float, 0)
+    resources["custom"] = dict(custom)
 
     sampler = {"kind": "tpe", "seed": 0, **_mapping(raw, "sampler", file)}
     _unknown(sampler, {"kind", "seed", "n_startup_trials"}, file, "sampler")
@@ -295,9 +380,10 @@ def validate(raw: dict, file: str, check_data: bool = True) -> JobSpec:
     spec = JobSpec(path=file, name=name, dataset=dataset, model=model, train=train, ssa=ssa,
                    search=search, objectives=objectives, n_trials=n_trials, time_limit_s=time_limit,
                    scheduler=scheduler, resources=resources, sampler=sampler, storage=raw.get("storage"),
-                   tracking=raw.get("tracking"), baseline=baseline, robustness=robustness, raw=raw)
+                   tracking=raw.get("tracking"), baseline=baseline, robustness=robustness, baseline_share=share,
+                   raw=raw)
     _check_search_values(spec)
-    if spec.ssa is None and not any(p.name == SSA_SWITCH for p in search) and any(p.name.startswith("ssa.") for p in search):
+    if spec.ssa is None and any(p.name.startswith("ssa.") for p in search):
         raise _err(file, "ssa", "null (SSA off) but the search has ssa.* parameters")
     return spec
 
@@ -308,7 +394,7 @@ def _unknown(d: dict, known: set, file: str, section: str) -> None:
             raise _err(file, f"{section}.{k}", f"unknown key (expected one of: {', '.join(sorted(known))})")
 
 
-def _check_dataset(dataset: dict, file: str, check_data: bool) -> None:
+def _check_dataset(dataset: dict, file: str, check_data: bool, base_dir: Path) -> None:
     from .data import DATASET_KINDS, KIND_PARAMS, DataError, build_dataset
 
     kind = dataset.get("kind")
@@ -317,8 +403,8 @@ def _check_dataset(dataset: dict, file: str, check_data: bool) -> None:
     _unknown({k: v for k, v in dataset.items() if k != "kind"}, set(KIND_PARAMS[kind]), file, "dataset")
     if "path" in dataset:
         p = Path(str(dataset["path"])).expanduser()
-        if not p.is_absolute():  # relative to the current directory, as a user types it
-            p = Path.cwd() / p
+        if not p.is_absolute():  # relative to where the user stands (or the job's working dir)
+            p = base_dir / p
         if not p.exists():
             raise _err(file, "dataset.path", f"{dataset['path']}: no such file or directory")
         dataset["path"] = str(p)
@@ -339,6 +425,9 @@ def _check_search(search: dict, file: str) -> tuple[Param, ...]:
         f = f"search.{name}"
         if not isinstance(name, str) or name.split(".")[0] not in ("dataset", "model", "train", "ssa"):
             raise _err(file, f, "parameter names are dotted keys into dataset, model, train or ssa")
+        if name == SSA_SWITCH:
+            raise _err(file, f, "SSA on/off is not searched: `baseline: true` tunes a baseline arm and an SSA arm "
+                       "on their own budgets (budget.baseline_share)")
         if not isinstance(p, dict):
             raise _err(file, f, "must be a mapping like {type: float, low: ..., high: ...}")
         _unknown(p, {"type", "low", "high", "log", "step", "choices", "when"}, file, f)

@@ -1,56 +1,102 @@
 """The MLflow side: one experiment per study, one parent run per study, one nested child run per trial.
 
-The driver creates the experiment and every run (no races between trials); workers only log params and
-batched step metrics to the child run they were handed.
+The driver owns every write. Workers report their evaluations to the driver through Ray Tune, and the
+driver mirrors them to MLflow through one queue and one thread (`Mirror`): a tracking server that is down
+for a while delays the mirror instead of failing trials, and what could not be delivered when the driver
+ends is kept in the Optuna study (`ssa-tune status` names it, `ssa-tune sync` sends it).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import queue
+import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import UserError
 
-ROLE, STUDY, TRIAL_NUMBER, STATE, REASON, PRUNED_AT = (
+ROLE, STUDY, TRIAL_NUMBER, STATE, REASON, PRUNED_AT, ARM, NODE_ID, NODE_IP = (
     "ssa_tune.role", "ssa_tune.study", "ssa_tune.trial_number", "ssa_tune.state", "ssa_tune.fail_reason",
-    "ssa_tune.pruned_at_step")
+    "ssa_tune.pruned_at_step", "ssa_tune.arm", "ssa_tune.node_id", "ssa_tune.node_ip")
 PARENT = "mlflow.parentRunId"
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+# MLflow's REST client retries a request for minutes by default; the mirror's queue does the waiting instead,
+# and its "View run at" lines would interleave with the study's own output
+_MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+               "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def _quiet_mlflow() -> None:
+    for k, v in _MLFLOW_ENV.items():
+        os.environ.setdefault(k, v)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "Creating initial tables" INFO lines
 
 
 def default_tracking(workdir: Path) -> str:
     return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
 
 
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def check_tracking(uri: str) -> None:
-    """Reach an MLflow server once so a wrong URI is reported before anything is written."""
-    if uri.startswith(("http://", "https://")):
+    """Reach an MLflow server once (or open a database store) so a wrong URI is reported before anything
+    is written."""
+    if is_server(uri):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
                 r.read()
         except Exception as e:
             raise UserError(f"cannot reach MLflow tracking server {uri}: {getattr(e, 'reason', e)}", field="tracking") from None
-    elif not uri.startswith(("sqlite:///", "postgresql", "mysql", "databricks")):
+    elif uri.startswith("sqlite:///"):
+        import sqlite3
+
+        path = Path(uri[len("sqlite:///"):])
+        if path.exists():
+            try:
+                with sqlite3.connect(path) as con:
+                    con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+            except sqlite3.DatabaseError as e:
+                raise UserError(f"{path}: not a readable MLflow database ({e})", field="tracking") from None
+    elif not uri.startswith(("postgresql", "mysql", "databricks")):
         raise UserError(f"unsupported tracking URI {uri!r} (use sqlite:///PATH, a database URL or http(s)://)",
                         field="tracking")
 
 
+def experiment_url(uri: str, experiment_id: str) -> str | None:
+    """Where the runs table of a study is in the MLflow UI (only a tracking server has one to link)."""
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs" if is_server(uri) else None
+
+
 def _client(uri: str):
+    _quiet_mlflow()
     from mlflow.tracking import MlflowClient
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets its own level when first imported
     return MlflowClient(tracking_uri=uri)
 
 
+def transient(e: BaseException) -> bool:
+    """An MLflow failure worth retrying: the server is down or busy, or SQLite is locked."""
+    text = f"{type(e).__name__}: {e}".lower()
+    return any(s in text for s in ("locked", "connection", "max retries", "timed out", "timeout", "temporarily",
+                                   "503", "502", "504", "500", "bad gateway", "unavailable", "refused", "reset by"))
+
+
 def _retry(fn, *args, attempts: int = 6, **kwargs):
-    """SQLite-backed stores can answer 'database is locked' under concurrent writers: retry briefly."""
+    """Short retries for writes made directly (set-up, reports); the mirror retries for much longer."""
     for i in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            if "locked" not in str(e).lower() or i == attempts - 1:
+            if not transient(e) or i == attempts - 1:
                 raise
             time.sleep(0.2 * 2**i)
 
@@ -61,30 +107,32 @@ def _str(v: Any) -> str:
 
 
 class Tracker:
-    """Driver-side handle on the study's experiment."""
+    """Driver-side handle on the study's experiment (created here, once, never by trials)."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
-        import logging
-
-        import mlflow
-
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its "Creating initial tables" INFO lines
-
         self.uri = uri
         self.client = _client(uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = None
-            if artifact_root is not None and not uri.startswith(("http://", "https://")):
-                location = (artifact_root / experiment).resolve().as_uri()
-            try:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-            except mlflow.exceptions.MlflowException:  # created meanwhile by another driver
-                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        else:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            self.experiment_id = exp.experiment_id
+        import mlflow
+
+        try:
+            exp = _retry(self.client.get_experiment_by_name, experiment)
+            if exp is None:
+                location = None
+                if artifact_root is not None and not is_server(uri):
+                    location = (artifact_root / experiment).resolve().as_uri()
+                try:
+                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                except mlflow.exceptions.MlflowException:  # created meanwhile by another driver
+                    self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+            else:
+                if exp.lifecycle_stage == "deleted":
+                    self.client.restore_experiment(exp.experiment_id)
+                self.experiment_id = exp.experiment_id
+        except UserError:
+            raise
+        except Exception as e:  # a corrupt or foreign database, an incompatible schema
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot use the MLflow store {uri}: {first}", field="tracking") from None
         self._enable_wal()
 
     def _enable_wal(self) -> None:
@@ -102,40 +150,40 @@ class Tracker:
                 return run_id
             except Exception:
                 pass
-        run = self.client.create_run(self.experiment_id, run_name=study,
-                                     tags={ROLE: "study", STUDY: study, **tags})
+        run = _retry(self.client.create_run, self.experiment_id, run_name=study,
+                     tags={ROLE: "study", STUDY: study, **tags})
         return run.info.run_id
 
-    def child_run(self, parent_id: str, study: str, number: int | None, params: dict[str, Any],
-                  role: str = "trial", tags: dict[str, Any] | None = None, name: str | None = None) -> str:
+    def create_child(self, parent_id: str, study: str, name: str, params: dict[str, Any],
+                     tags: dict[str, Any]) -> str:
         from mlflow.entities import Param
 
-        all_tags = {PARENT: parent_id, ROLE: role, STUDY: study, STATE: "RUNNING",
-                    **{k: str(v) for k, v in (tags or {}).items()}}
-        if number is not None:
-            all_tags[TRIAL_NUMBER] = str(number)
-        run = _retry(self.client.create_run, self.experiment_id, run_name=name or f"trial-{number}", tags=all_tags)
+        all_tags = {PARENT: parent_id, STUDY: study, STATE: "RUNNING", **{k: str(v) for k, v in tags.items()}}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         items = [Param(k, _str(v)) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            _retry(self.client.log_batch, run.info.run_id, params=items[i:i + 100])
+            self.client.log_batch(run.info.run_id, params=items[i:i + 100])
         return run.info.run_id
 
-    def finish_trial(self, run_id: str, state: str, reason: str | None = None, pruned_at: int | None = None,
-                     status: str | None = None) -> None:
-        """Tag the run with its Optuna state (and why) and close it; `status` overrides the MLflow status."""
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        tags = {STATE: state}
+        self.client.log_batch(run_id, tags=[RunTag(k, _str(v)) for k, v in tags.items()])
+
+    def finish(self, run_id: str, state: str, reason: str | None = None, pruned_at: int | None = None,
+               status: str | None = None) -> None:
+        """Tag the run with its Optuna state (and why) and close it; `status` overrides the MLflow status."""
+        tags: dict[str, Any] = {STATE: state}
         if reason:
             tags[REASON] = reason[:5000]
         if pruned_at is not None:
             tags[PRUNED_AT] = str(pruned_at)
-        _retry(self.client.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        _retry(self.client.set_terminated, run_id, status or _STATUS.get(state, "FAILED"))
+        self.set_tags(run_id, tags)
+        self.client.set_terminated(run_id, status or _STATUS.get(state, "FAILED"))
 
     def log_study(self, run_id: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
                   metrics: dict[str, float] | None = None) -> None:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
         items = [Param(k, _str(v)) for k, v in sorted((params or {}).items())]
         existing = self.client.get_run(run_id).data.params
@@ -143,30 +191,171 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(run_id, params=items[i:i + 100])
         if tags:
-            self.client.log_batch(run_id, tags=[RunTag(k, _str(v)) for k, v in tags.items()])
+            self.set_tags(run_id, tags)
         if metrics:
-            log_metrics(self.uri, run_id, metrics, step=None, client=self.client)
+            log_metrics(self.client, run_id, metrics, step=None)
 
-    def finish_study(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status)
-
-    def kill_runs(self, run_ids: list[str], reason: str) -> None:
-        for rid in run_ids:
-            try:
-                run = self.client.get_run(rid)
-            except Exception:
-                continue
-            if run.info.status == "RUNNING":
-                self.finish_trial(rid, "FAIL", reason, status="KILLED")
+    def run_status(self, run_id: str) -> str | None:
+        try:
+            return self.client.get_run(run_id).info.status
+        except Exception:
+            return None
 
 
-def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None, client=None) -> None:
+def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int | None) -> None:
     """Batched writes of the finite numeric metrics (non-numbers and NaN/inf are left out)."""
     from mlflow.entities import Metric
 
-    client = client or _client(uri)
     ts = int(time.time() * 1000)
     items = [Metric(k, float(v), ts, step or 0) for k, v in sorted(metrics.items())
              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
     for i in range(0, len(items), 500):
-        _retry(client.log_batch, run_id, metrics=items[i:i + 500])
+        client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+# -------------------------------------------------------------------------------------------- the mirror
+
+
+class Mirror:
+    """Every MLflow write of a driver, in order, on one thread, retried while the tracking server is away.
+
+    Operations are keyed by the run they belong to ("trial-12", "robust-trial-3-main-s10000", "study"):
+
+        create(key, name, params, tags)   -> the child run (its id goes to `on_created(key, run_id)`)
+        metrics(key, metrics, step)        -> step metrics in batches
+        tags(key, tags)                    -> tags
+        finish(key, state, reason, ...)    -> closes the run
+
+    An operation that fails with a transient error (server down, SQLite locked) is retried with backoff, and
+    everything behind it waits: nothing is reordered. A permanent error (a bad value) drops that operation
+    and is logged. `close(deadline)` waits for the queue; what is still undelivered then goes to
+    `on_undelivered(key, ops)` so the caller can keep it (the Optuna study) for `ssa-tune sync`.
+    """
+
+    def __init__(self, tracker: Tracker, parent_id: str, study: str,
+                 on_created: Callable[[str, str], None] | None = None,
+                 on_undelivered: Callable[[str, list[dict]], None] | None = None,
+                 runs: dict[str, str] | None = None, max_backoff_s: float = 10.0):
+        self.tracker, self.parent_id, self.study = tracker, parent_id, study
+        self.on_created, self.on_undelivered = on_created, on_undelivered
+        self.runs: dict[str, str] = dict(runs or {})  # key -> MLflow run id
+        self.max_backoff_s = max_backoff_s
+        self._q: "queue.Queue[dict | None]" = queue.Queue()
+        self._pending: list[dict] = []  # taken from the queue, not yet delivered
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self.delivered = 0
+        self.failures = 0  # transient failures seen (the server was away)
+        self.dropped: list[str] = []
+        self._thread = threading.Thread(target=self._loop, name="ssa-tune-mlflow", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ what the driver calls
+
+    def create(self, key: str, name: str, params: dict[str, Any], tags: dict[str, Any]) -> None:
+        self._put({"op": "create", "key": key, "name": name, "params": params, "tags": tags})
+
+    def metrics(self, key: str, metrics: dict[str, Any], step: int | None) -> None:
+        clean = {k: float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if clean:
+            self._put({"op": "metrics", "key": key, "metrics": clean, "step": step})
+
+    def tags(self, key: str, tags: dict[str, Any]) -> None:
+        self._put({"op": "tags", "key": key, "tags": {k: str(v) for k, v in tags.items()}})
+
+    def finish(self, key: str, state: str, reason: str | None = None, pruned_at: int | None = None,
+               status: str | None = None) -> None:
+        self._put({"op": "finish", "key": key, "state": state, "reason": reason, "pruned_at": pruned_at,
+                   "status": status})
+
+    def replay(self, ops: list[dict]) -> None:
+        for op in ops:
+            self._put(dict(op))
+
+    def close(self, timeout: float = 60.0) -> dict[str, list[dict]]:
+        """Wait up to `timeout` for the queue to drain; returns {key: undelivered ops} (also handed to
+        on_undelivered)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (not self._q.empty() or self._pending):
+            time.sleep(0.05)
+        self._closing.set()
+        self._q.put(None)
+        self._thread.join(timeout=max(1.0, deadline - time.monotonic()) + 5)
+        left: dict[str, list[dict]] = {}
+        with self._lock:
+            rest = list(self._pending)
+            self._pending.clear()
+        while True:
+            try:
+                op = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if op is not None:
+                rest.append(op)
+        for op in rest:
+            left.setdefault(op["key"], []).append(op)
+        if self.on_undelivered:
+            for key, ops in left.items():
+                self.on_undelivered(key, ops)
+        return left
+
+    # ------------------------------------------------------------------ the thread
+
+    def _put(self, op: dict) -> None:
+        self._q.put(op)
+
+    def _loop(self) -> None:
+        backoff = 0.5
+        while True:
+            with self._lock:
+                op = self._pending[0] if self._pending else None
+            if op is None:
+                try:
+                    op = self._q.get(timeout=0.2)
+                except queue.Empty:
+                    if self._closing.is_set():
+                        return
+                    continue
+                if op is None:
+                    return
+                with self._lock:
+                    self._pending.append(op)
+            try:
+                self._apply(op)
+            except Exception as e:  # noqa: BLE001 - sorted into transient (retry) and permanent (drop)
+                if transient(e):
+                    self.failures += 1
+                    if self._closing.is_set():
+                        return
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, self.max_backoff_s)
+                    continue
+                logging.getLogger("ssa_tune").warning("MLflow %s of %s dropped: %s", op["op"], op["key"], e)
+                self.dropped.append(f"{op['op']} {op['key']}: {e}")
+            backoff = 0.5
+            with self._lock:
+                if self._pending and self._pending[0] is op:
+                    self._pending.pop(0)
+            self.delivered += 1
+
+    def _apply(self, op: dict) -> None:
+        key, kind = op["key"], op["op"]
+        t = self.tracker
+        if kind == "create":
+            if key in self.runs:  # a replayed create of a run that exists
+                return
+            run_id = t.create_child(self.parent_id, self.study, op["name"], op["params"], op["tags"])
+            self.runs[key] = run_id
+            if self.on_created:
+                self.on_created(key, run_id)
+            return
+        run_id = self.runs.get(key)
+        if run_id is None:
+            raise ValueError(f"no MLflow run for {key}")  # its create was dropped: nothing to attach to
+        if kind == "metrics":
+            log_metrics(t.client, run_id, op["metrics"], op["step"])
+        elif kind == "tags":
+            t.set_tags(run_id, op["tags"])
+        elif kind == "finish":
+            t.finish(run_id, op["state"], op.get("reason"), op.get("pruned_at"), op.get("status"))

@@ -205,7 +205,8 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval) -> TrialResult:
             torch.cuda.synchronize(device)
         train_time += time.perf_counter() - t0
         if step % cfg.eval_every == 0 or step == total:
-            metrics = {"step": step, "train_loss": last_loss, "lr": lr, "tokens": tokens,
+            # progress 1.0 marks the trial's own end (steps or tokens): the driver tells COMPLETE from PRUNED by it
+            metrics = {"step": step, "progress": step / total, "train_loss": last_loss, "lr": lr, "tokens": tokens,
                        "tokens_per_s": tokens / max(train_time, 1e-9), "train_seconds": train_time}
             metrics.update(evaluate(model, dataset, "val", cfg.batch_size, device, amp))
             if not math.isfinite(metrics["val_loss"]):

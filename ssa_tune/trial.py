@@ -1,7 +1,7 @@
 """What one tuning trial does on a worker: configs from the sampled params, train, stream metrics.
 
 `report` is handed in (Ray Tune's `tune.report` under the tuner, `print` under `ssa-tune train`), so this
-module never imports Ray; MLflow is reached only through `track`.
+module imports neither Ray, Optuna nor MLflow: a worker reports to the driver, and the driver records.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from .errors import TrialFailed
 from .spec import SSA_SWITCH, JobSpec
 
 # keys the driver adds to a trial's config next to the sampled params
-KEY_NUMBER, KEY_RUN, KEY_TRIAL_ID = "ssa_tune.trial_number", "ssa_tune.run_id", "ssa_tune.optuna_trial_id"
+KEY_NUMBER, KEY_TRIAL_ID, KEY_ARM = "ssa_tune.trial_number", "ssa_tune.optuna_trial_id", "ssa_tune.arm"
 
 
 @functools.lru_cache(maxsize=4)
@@ -50,23 +50,13 @@ def configure(spec: JobSpec, params: dict[str, Any], cpus: float, gpus: float):
     return dataset, model, dataclasses.replace(train, device=device, threads=threads), ssa
 
 
-def execute(spec: JobSpec, params: dict[str, Any], cpus: float, gpus: float,
-            report: Callable[[dict], None], tracking_uri: str | None = None, run_id: str | None = None):
-    """Train one configuration; every evaluation goes to `report` and, when given, to the MLflow run."""
+def execute(spec: JobSpec, params: dict[str, Any], cpus: float, gpus: float, report: Callable[[dict], None]):
+    """Train one configuration; every evaluation goes to `report`."""
     from .train import train
 
     dataset_spec, model_cfg, train_cfg, ssa = configure(spec, params, cpus, gpus)
     dataset = _dataset(json.dumps(dataset_spec, sort_keys=True), train_cfg.seed)
-
-    def on_eval(metrics: dict[str, float]) -> None:
-        if run_id is not None:
-            from .track import log_metrics
-
-            log_metrics(tracking_uri, run_id, metrics, step=int(metrics["step"]))
-        report(metrics)
-
-    result = train(dataset, model_cfg, train_cfg, ssa, on_eval=on_eval)
-    return result
+    return train(dataset, model_cfg, train_cfg, ssa, on_eval=report)
 
 
 def failure_reason(e: BaseException) -> str:

@@ -1,8 +1,10 @@
-"""Running a study: Ray Tune executes the trials of an Optuna study, MLflow mirrors them.
+"""Ray: the cluster connection, what a trial asks of it, and Ray Tune executing the trials of an Optuna study.
 
-Every Ray call of the project is in this module (Ray's API moves between releases; the version is pinned).
-Early stopping has one owner, the Ray scheduler (ASHA by default); Optuna's own pruner is off, and a trial
-the scheduler stopped is told to Optuna as PRUNED.
+Every Ray Tune and Ray core call of the study is in this module (Ray's API moves between releases; the
+version is pinned); job submission is `jobs.py`. Early stopping has one owner, the Ray scheduler (ASHA by
+default, one instance per arm so arms never stop each other's trials); Optuna's own pruner is off, and a trial
+the scheduler stopped is told to Optuna as PRUNED. Workers never write to the study or to MLflow: they report
+to the driver, which tells Optuna and feeds the MLflow mirror.
 """
 
 from __future__ import annotations
@@ -10,94 +12,330 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
-import socket
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from . import study as st
-import optuna
-from optuna.trial import TrialState
-
 from .errors import UserError
-from .spec import JobSpec, validate
-from .trial import KEY_NUMBER, KEY_RUN, KEY_TRIAL_ID, execute, failure_reason, trial_params
-from .track import Tracker, check_tracking, default_tracking
+from .spec import ARMS, JobSpec, validate
+from .trial import KEY_ARM, KEY_NUMBER, KEY_TRIAL_ID, execute, failure_reason, trial_params
+
+# the result keys of a trial that are Ray Tune's own bookkeeping, not metrics of ours
+_RAY_KEYS = {"done", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "date", "pid",
+             "hostname", "node_ip", "time_since_restore", "iterations_since_restore", "trial_id",
+             "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "timesteps_total", "episodes_total",
+             "timesteps_since_restore", "config", "ssa_tune.node_id"}
+NODE_KEY = "ssa_tune.node_id"
 
 
-@dataclass
-class Target:
-    """Where a study lives."""
-
-    workdir: Path
-    storage: str
-    tracking: str
-    study: str
+# ----------------------------------------------------------------------------------------------- cluster
 
 
-def resolve_target(spec_storage: str | None, spec_tracking: str | None, workdir: str | None, storage: str | None,
-                   tracking: str | None, study: str | None) -> Target:
-    wd = Path(workdir or os.environ.get("SSA_TUNE_HOME") or ".ssa_tune").expanduser().resolve()
-    return Target(workdir=wd, storage=storage or spec_storage or st.default_storage(wd),
-                  tracking=tracking or spec_tracking or default_tracking(wd), study=study or "")
+def _quiet_ray() -> None:
+    """Our own progress lines replace Ray's tables and its end-of-run error banner."""
+    import logging
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
+    for name in ("ray.tune", "ray.air", "ray.train", "ray"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-# ---------------------------------------------------------------------------------------- the worker
+def in_ray_job() -> bool:
+    """True when this process is the entrypoint of a Ray job (`ssa-tune submit`)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def init_ray(address: str | None = None) -> None:
+    """Connect to Ray: the cluster at `address` (or $RAY_ADDRESS, as inside a Ray job), else a new local one.
+
+    A local run always starts its own instance (`address="local"`): a Ray cluster someone started on this
+    machine must not silently take the study's trials."""
+    _quiet_ray()
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    runtime_env: dict[str, Any] = {"worker_process_setup_hook": "workers.setup.setup"}
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job:  # keep the job's own runtime env (its working dir with the spec and the data shipped with it)
+        runtime_env = {**(json.loads(job).get("runtime_env") or {}), **runtime_env}
+    kw: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": "ERROR",
+                          "runtime_env": runtime_env}
+    try:
+        if address == "local":
+            ray.init(address="local", include_dashboard=False, **kw)
+        else:  # an existing cluster: no CPU/GPU counts may be given
+            ray.init(address=address, **kw)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(f"cannot connect to Ray at {address}: {str(e).strip().splitlines()[0]}", field="address") from None
+
+
+def cluster_nodes() -> list[dict[str, Any]]:
+    """The alive nodes of the connected cluster: {"node_id", "ip", "resources"}."""
+    import ray
+
+    return [{"node_id": n["NodeID"], "ip": n.get("NodeManagerAddress"), "resources": dict(n.get("Resources", {}))}
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def _fmt_request(request: dict[str, float]) -> str:
+    def one(k, v):
+        return f"memory {v / 2**30:.3g} GiB" if k == "memory" else f"{k} {v:g}"
+
+    return ", ".join(one(k, v) for k, v in sorted(request.items()))
+
+
+def unfit_reason(request: dict[str, float], nodes: list[dict[str, Any]]) -> str | None:
+    """Why no node can ever hold one trial, or None when one can."""
+    if any(all(n["resources"].get(k, 0.0) >= v - 1e-9 for k, v in request.items()) for n in nodes):
+        return None
+    have = "; ".join(f"{n['ip']}: {_fmt_request({k: v for k, v in n['resources'].items() if k in request})}"
+                     for n in nodes) or "no alive node"
+    return f"one trial asks for {_fmt_request(request)}, but no node of the cluster has that ({have})"
+
+
+def check_resources(spec: JobSpec, nodes: list[dict[str, Any]] | None = None) -> None:
+    """A trial no node can ever hold is one line, not a wait forever (unless the spec says the cluster
+    autoscales: then the wait is watched and bounded while the study runs)."""
+    if spec.resources.get("autoscale"):
+        return
+    reason = unfit_reason(spec.trial_resources(), cluster_nodes() if nodes is None else nodes)
+    if reason:
+        raise UserError(f"{reason}; lower resources.* or add a node (resources.autoscale: true to wait for one)",
+                        spec.path, "resources")
+
+
+# ------------------------------------------------------------------------------------------- the worker
 
 
 def _trainable(config: dict, ctx: dict) -> None:
-    """A Ray Tune function trainable: one Optuna trial."""
+    """A Ray Tune function trainable: one Optuna trial. It reports to the driver only."""
+    import ray
     import ray.tune
 
-    number, run_id = config[KEY_NUMBER], config[KEY_RUN]
+    number = config[KEY_NUMBER]
     params = {k: v for k, v in config.items() if not k.startswith("ssa_tune.")}
+    node = ray.get_runtime_context().get_node_id()
     try:
-        spec = validate(json.loads(ctx["spec"]), ctx["spec_path"], check_data=False)
-        execute(spec, params, ctx["cpus"], ctx["gpus"], report=ray.tune.report, tracking_uri=ctx["tracking"],
-                run_id=run_id)
+        spec = validate(json.loads(ctx["spec"]), ctx["spec_path"], check_data=False,
+                        base_dir=os.environ.get("TUNE_ORIG_WORKING_DIR"))
+        execute(spec, params, ctx["cpus"], ctx["gpus"], report=lambda m: ray.tune.report({**m, NODE_KEY: node}))
     except Exception as e:
-        reason = failure_reason(e)
-        # the reason goes to both stores before Ray marks the trial ERROR (-> Optuna FAIL, MLflow FAILED)
-        try:
-            storage = st.open_storage(ctx["storage"])
-            storage.set_trial_user_attr(config[KEY_TRIAL_ID], st.T_REASON, reason)
-        except Exception:
-            pass
-        raise RuntimeError(f"trial {number} failed: {reason}") from None
+        # the reason travels in the error, which the driver reads back (see `_error_reason`)
+        raise RuntimeError(f"trial {number} failed: {failure_reason(e)}") from None
 
 
-# ---------------------------------------------------------------------------------------- the searcher
+def _error_reason(trial) -> tuple[str, bool]:
+    """(reason, lost) of a trial Ray Tune marked ERROR; `lost` when the infrastructure, not the trial, failed
+    (its worker process or node died), which is worth one re-run."""
+    from ray import cloudpickle
+    from ray.exceptions import RayActorError, RayTaskError
+
+    err = None
+    try:  # Tune writes the error to the trial's staging folder on the driver first, then syncs it
+        path = trial.pickled_error_file if trial is not None else None
+        if path and os.path.exists(path):
+            with open(path, "rb") as f:
+                err = cloudpickle.load(f)
+        elif trial is not None:
+            err = trial.get_pickled_error()
+    except Exception:  # noqa: BLE001 - an unreadable error file: say so below
+        err = None
+    if err is None:
+        return "the trial's worker failed (no error recorded)", True
+    if isinstance(err, RayTaskError):
+        cause = getattr(err, "cause", None)
+        text = str(cause) if cause is not None else str(err).strip().splitlines()[-1]
+        _, sep, reason = text.partition(" failed: ")
+        return (reason if sep else text.strip().splitlines()[0]), False
+    if isinstance(err, RayActorError) or "ActorDied" in type(err).__name__ or "NodeDied" in type(err).__name__:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"worker lost (its process or node died): {first[:300]}", True
+    if "OutOfMemory" in type(err).__name__:
+        return "out of memory: Ray's memory monitor killed the worker", False
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{type(err).__name__}: {first[:300]}", False
+
+
+# ------------------------------------------------------------------------------------------ the searcher
 
 
 def _searcher_class():
-    from ray.tune.search.optuna import OptunaSearch
+    from optuna.trial import TrialState
+    from ray.tune.search import Searcher
 
-    class StudySearch(OptunaSearch):
-        """OptunaSearch on the study's own storage, plus: the trial number and its MLflow child run in
-        each config, scheduler stops told to Optuna as PRUNED, failures as FAIL with their reason."""
+    class StudySearch(Searcher):
+        """Ray Tune's searcher on the Optuna study: each suggestion is a trial asked of one arm's sampler,
+        under the study lock, while the arm has budget left (counted in the storage, so several drivers
+        share one budget). Scheduler stops are told to Optuna as PRUNED, failures as FAIL with their reason;
+        a trial lost with its worker is re-run once."""
 
-        def __init__(self, *, spec: JobSpec, tracker: Tracker, parent_run: str, max_steps: int,
-                     on_done: Callable[[Any, str], None], **kw):
-            self._spec, self._tracker, self._parent_run = spec, tracker, parent_run
-            self._max_steps, self._on_done = max_steps, on_done
-            self._runs: dict[str, str] = {}
+        def __init__(self, *, spec: JobSpec, study, storage_url: str, budgets: dict[str, int], driver: str,
+                     mirror, trials: dict, on_done: Callable, max_failures: int):
+            super().__init__(metric=None, mode=None)  # the objectives are read here, not by Ray
+            self._spec, self._study, self._url = spec, study, storage_url
+            self._budgets, self._driver, self._mirror = budgets, driver, mirror
+            self._tune_trials, self._on_done = trials, on_done
+            self._max_failures = max_failures
+            self._failures = 0
+            self._ot: dict[str, Any] = {}  # Tune trial id -> Optuna trial
+            self._keys: dict[str, str] = {}  # Tune trial id -> mirror key
             self._last: dict[str, dict] = {}
             self._reported: dict[str, set[int]] = {}
-            super().__init__(space=lambda trial: st.suggest_all(trial, spec), **kw)
+            self._done: set[str] = set()
+            self._quiet_until = 0.0
+            self._next_sweep = 0.0
+            self.objectives = spec.objectives
+
+        def set_search_properties(self, metric, mode, config, **spec) -> bool:
+            return True
+
+        def __getstate__(self):
+            # Ray pickles the tuner's settings for a restore of its own, which ssa-tune never uses (the study's
+            # storage is the state); the live handles (MLflow mirror thread, study, callbacks) stay out of it
+            live = ("_mirror", "_on_done", "_study", "_tune_trials")
+            return {k: v for k, v in self.__dict__.items() if k not in live}
+
+        # ------------------------------------------------------------ asking
 
         def suggest(self, trial_id: str):
-            config = super().suggest(trial_id)
-            if config is None:
+            now = time.monotonic()
+            if now < self._quiet_until:
                 return None
-            ot = self._ot_trials[trial_id]
-            dataset, model, train, ssa = self._spec.trial_config(config)
-            run_id = self._tracker.child_run(self._parent_run, self._study_name, ot.number,
-                                             trial_params(dataset, model, train, ssa))
-            self._ot_study._storage.set_trial_user_attr(ot._trial_id, st.T_RUN, run_id)
-            self._runs[trial_id] = run_id
-            return {**config, KEY_NUMBER: ot.number, KEY_RUN: run_id, KEY_TRIAL_ID: ot._trial_id}
+            if now >= self._next_sweep:
+                self._next_sweep = now + 15.0
+                self._sweep()
+            with st.study_lock(self._url, self._study.study_name):
+                trials = self._study.get_trials(deepcopy=False)
+                used = {a: 0 for a in self._budgets}
+                taken = {a: 0 for a in self._budgets}
+                for t in trials:
+                    arm = st.arm_of(t)
+                    if arm not in used:
+                        continue
+                    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                        used[arm] += 1
+                        taken[arm] += 1
+                    elif t.state == TrialState.RUNNING:
+                        taken[arm] += 1
+                open_arms = [a for a in self._budgets if used[a] < self._budgets[a]]
+                if not open_arms or self._failures >= self._max_failures:
+                    return Searcher.FINISHED
+                free = [a for a in open_arms if taken[a] < self._budgets[a]]
+                if not free:  # the rest of the budget is running (here or under another driver)
+                    self._quiet_until = now + 1.0
+                    return None
+                arm = min(free, key=lambda a: (taken[a] / self._budgets[a], ARMS.index(a)))
+                ot = st.ask_arm(self._study, self._spec, arm, self._driver)
+            try:
+                params = st.suggest_all(ot, self._spec)
+                dataset, model, train, ssa = self._spec.trial_config(params)
+            except (ValueError, TypeError) as e:  # values that are valid alone but not together
+                self._fail_unstarted(ot, arm, f"invalid combination of values: {e}")
+                return None
+            key = f"trial-{ot.number}"
+            self._ot[trial_id], self._keys[trial_id] = ot, key
+            self._mirror.create(key, key, trial_params(dataset, model, train, ssa),
+                                {"ssa_tune.role": "trial", "ssa_tune.trial_number": ot.number, "ssa_tune.arm": arm})
+            return {**params, KEY_NUMBER: ot.number, KEY_TRIAL_ID: ot._trial_id, KEY_ARM: arm}
+
+        def _fail_unstarted(self, ot, arm: str, reason: str) -> None:
+            self._study._storage.set_trial_user_attr(ot._trial_id, st.T_REASON, reason)
+            self._study.tell(ot, state=TrialState.FAIL)
+            self._failures += 1
+            key = f"trial-{ot.number}"
+            self._mirror.create(key, key, dict(ot.params), {"ssa_tune.role": "trial", "ssa_tune.trial_number":
+                                                             ot.number, "ssa_tune.arm": arm})
+            self._mirror.finish(key, "FAIL", reason)
+            self._on_done(ot.number, "FAIL", None, reason, arm)
+
+        def _sweep(self) -> None:
+            """Trials whose driver is gone (killed, or silent on another host) become FAIL and are re-run once."""
+            with st.study_lock(self._url, self._study.study_name):
+                lost = st.fail_trials(self._study, st.orphans(self._study, self._driver),
+                                      "killed: its driver stopped while the trial ran")
+                if lost:
+                    st.enqueue_retries(self._study, lost)
+            for t in lost:
+                self._mirror.finish(f"trial-{t.number}", "FAIL", "killed: its driver stopped while the trial ran",
+                                    status="KILLED")
+
+        # ------------------------------------------------------------ results
+
+        def on_trial_result(self, trial_id: str, result: dict):
+            self._result(trial_id, result)
+
+        def _result(self, trial_id: str, result: dict) -> None:
+            ot = self._ot.get(trial_id)
+            if ot is None or trial_id in self._done:
+                return
+            step = result.get("step")
+            if step is None:
+                return
+            seen = self._reported.setdefault(trial_id, set())
+            if int(step) in seen:  # the final result can arrive twice (result, then completion)
+                return
+            seen.add(int(step))
+            self._last[trial_id] = result
+            if not seen - {int(step)}:  # the first result: where the trial runs
+                node = {"node_id": result.get(NODE_KEY), "ip": result.get("node_ip"),
+                        "hostname": result.get("hostname")}
+                self._study._storage.set_trial_user_attr(ot._trial_id, st.T_NODE, node)
+                self._mirror.tags(self._keys[trial_id], {"ssa_tune.node_id": node["node_id"],
+                                                         "ssa_tune.node_ip": node["ip"]})
+            self._mirror.metrics(self._keys[trial_id], {k: v for k, v in result.items() if k not in _RAY_KEYS},
+                                 int(step))
+            if len(self.objectives) == 1:
+                v = result.get(self.objectives[0].metric)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    ot.report(float(v), int(step))
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            ot = self._ot.get(trial_id)
+            if ot is None or trial_id in self._done:
+                return
+            if result:
+                self._result(trial_id, result)
+            result = self._last.get(trial_id) or result or {}
+            storage = self._study._storage
+            arm = st.arm_of(ot)
+            metrics = [o.metric for o in self.objectives]
+            values = [result.get(m) for m in metrics] if result else None
+            lost = False
+            if error:
+                reason, lost = _error_reason(self._tune_trials.get(trial_id))
+                state = "FAIL"
+            elif not values or any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+                state = "FAIL"
+                missing = [m for m, v in zip(metrics, values or [None] * len(metrics)) if v is None]
+                reason = (f"objective {', '.join(missing)} not reported" if missing else "no finite objective reported")
+            elif float(result.get("progress", 0.0)) < 1.0:
+                state, reason = "PRUNED", None
+                storage.set_trial_user_attr(ot._trial_id, st.T_PRUNED_AT, int(result["step"]))
+            else:
+                state, reason = "COMPLETE", None
+            ts = {"FAIL": TrialState.FAIL, "PRUNED": TrialState.PRUNED, "COMPLETE": TrialState.COMPLETE}[state]
+            if reason:
+                storage.set_trial_user_attr(ot._trial_id, st.T_REASON, reason)
+            # Optuna takes no value with FAIL, and records a PRUNED trial's last intermediate value itself
+            told = None if state != "COMPLETE" else (values[0] if len(values) == 1 else values)
+            try:
+                self._study.tell(ot, told, state=ts)
+            except Exception as e:  # noqa: BLE001 - e.g. another driver already failed it as an orphan
+                reason = reason or f"could not record the result: {e}"
+            self._done.add(trial_id)
+            if state == "FAIL":
+                self._failures += 1
+                if lost:
+                    with st.study_lock(self._url, self._study.study_name):
+                        st.enqueue_retries(self._study, [storage.get_trial(ot._trial_id)])
+            self._mirror.finish(self._keys[trial_id], state, reason,
+                                int(result["step"]) if state == "PRUNED" else None)
+            self._on_done(ot.number, state, values, reason, arm)
 
         def save(self, checkpoint_path: str) -> None:
             """Nothing to save: the study's storage is the state, and resume reads it from there."""
@@ -105,90 +343,98 @@ def _searcher_class():
         def restore(self, checkpoint_path: str) -> None:
             pass
 
-        def on_trial_result(self, trial_id: str, result: dict):
-            self._last[trial_id] = result
-            self._report(trial_id, result)
-
-        def _report(self, trial_id: str, result: dict) -> None:
-            """Intermediate values keyed by training step (not Ray's iteration), as the curves in MLflow."""
-            if isinstance(self.metric, list) or trial_id in self._completed_trials:
-                return
-            v, step = result.get(self.metric), result.get("step")
-            if v is None or step is None or not math.isfinite(v):
-                return
-            seen = self._reported.setdefault(trial_id, set())
-            if int(step) not in seen:  # the final result can arrive here twice (result, then completion)
-                seen.add(int(step))
-                self._ot_trials[trial_id].report(float(v), int(step))
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return
-            ot = self._ot_trials[trial_id]
-            result = result or self._last.get(trial_id)
-            storage = self._ot_study._storage
-            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-            values = None if not result else [result.get(m) for m in metrics]
-            if error or values is None or any(v is None or not math.isfinite(v) for v in values):
-                state, told = "FAIL", None
-                reason = storage.get_trial(ot._trial_id).user_attrs.get(st.T_REASON)
-                if reason is None:
-                    reason = "the trial's worker process died (crash or killed)" if error else "no finite objective reported"
-                    storage.set_trial_user_attr(ot._trial_id, st.T_REASON, reason)
-            elif int(result.get("step", 0)) < self._max_steps:
-                state, told, reason = "PRUNED", None, None
-                # the result that made the scheduler stop the trial never reached on_trial_result
-                self._report(trial_id, result)
-                storage.set_trial_user_attr(ot._trial_id, st.T_PRUNED_AT, int(result["step"]))
-            else:
-                state, told, reason = "COMPLETE", values[0] if len(values) == 1 else values, None
-                self._report(trial_id, result)  # the final result may also bypass on_trial_result
-            from optuna.trial import TrialState
-
-            ts = {"FAIL": TrialState.FAIL, "PRUNED": TrialState.PRUNED, "COMPLETE": TrialState.COMPLETE}[state]
-            # Optuna takes no value with FAIL, and records a PRUNED trial's last intermediate value itself
-            self._ot_study.tell(ot, told, state=ts)
-            self._completed_trials.add(trial_id)
-            run_id = self._runs.get(trial_id)
-            if run_id:
-                self._tracker.finish_trial(run_id, state, reason,
-                                           int(result["step"]) if state == "PRUNED" else None)
-            self._on_done(ot.number, state, values, reason)
-
     return StudySearch
 
 
-def _scheduler(spec: JobSpec, max_steps: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
+# ------------------------------------------------------------------------------------------ the scheduler
+
+
+def _arm_scheduler(spec: JobSpec, max_t: int, time_attr: str, grace: int):
+    """Early stopping within each arm: one scheduler per arm, each seeing only its own arm's trials."""
+    from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule,
+                                     TrialScheduler)
 
     s = spec.scheduler
-    eval_every = spec.train_config({}).eval_every
-    grace = s.get("grace_steps") or eval_every
     objective = spec.objectives[0]
     om = {"metric": objective.metric, "mode": "min" if objective.direction == "minimize" else "max"}
-    if s["kind"] == "asha":
-        return ASHAScheduler(time_attr="step", max_t=max_steps, grace_period=min(grace, max_steps),
-                             reduction_factor=s["reduction_factor"], **om)
-    if s["kind"] == "hyperband":
-        return HyperBandScheduler(time_attr="step", max_t=max_steps, reduction_factor=s["reduction_factor"], **om)
-    if s["kind"] == "median":
-        return MedianStoppingRule(time_attr="step", grace_period=grace, min_samples_required=3, **om)
-    return FIFOScheduler()
+
+    def make():
+        if s["kind"] == "asha":
+            return ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=min(grace, max_t),
+                                 reduction_factor=s["reduction_factor"], **om)
+        if s["kind"] == "hyperband":
+            return HyperBandScheduler(time_attr=time_attr, max_t=max_t, reduction_factor=s["reduction_factor"], **om)
+        if s["kind"] == "median":
+            return MedianStoppingRule(time_attr=time_attr, grace_period=grace, min_samples_required=3, **om)
+        return FIFOScheduler()
+
+    if s["kind"] == "none" or spec.multi_objective:
+        return FIFOScheduler()
+
+    class ArmScheduler(TrialScheduler):
+        def __init__(self):
+            super().__init__()
+            self.arms = {arm: make() for arm in spec.arms}
+            self._metric, self._mode = om["metric"], om["mode"]
+
+        def _of(self, trial):
+            return self.arms.get(trial.config.get(KEY_ARM)) or next(iter(self.arms.values()))
+
+        def set_search_properties(self, metric, mode, **kw) -> bool:
+            return True
+
+        def on_trial_add(self, tune_controller, trial):
+            self._of(trial).on_trial_add(tune_controller, trial)
+
+        def on_trial_error(self, tune_controller, trial):
+            self._of(trial).on_trial_error(tune_controller, trial)
+
+        def on_trial_result(self, tune_controller, trial, result):
+            return self._of(trial).on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+        def on_trial_remove(self, tune_controller, trial):
+            self._of(trial).on_trial_remove(tune_controller, trial)
+
+        def choose_trial_to_run(self, tune_controller):
+            return next(iter(self.arms.values())).choose_trial_to_run(tune_controller)
+
+        def debug_string(self) -> str:
+            return "; ".join(f"{a}: {s.debug_string()}" for a, s in self.arms.items())
+
+    return ArmScheduler()
 
 
-def _progress_callback(spec: JobSpec, out: Callable[[str], None]):
+# -------------------------------------------------------------------------------------- progress, waiting
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def _callbacks(spec: JobSpec, study, out: Callable[[str], None], registry: dict):
     from ray.tune import Callback
+    from ray.tune.experiment import Trial
 
     objective = spec.objectives[0]
     sign = 1 if objective.direction == "minimize" else -1
 
     class Progress(Callback):
-        """A live view: one line per evaluation (throttled) and per finished trial, with the best so far."""
+        """A live view: one line per evaluation (throttled) and per finished trial, with each arm's best; and
+        the watch on trials waiting for resources (with `resources.autoscale`), which has a limit."""
 
         def __init__(self):
-            self.best: tuple[float, int] | None = None
+            self.best: dict[str, tuple[float, int]] = {}
             self.last_print = 0.0
             self.running: dict[str, str] = {}
+            self.waiting_since: float | None = None
+            self.gave_up: str | None = None
+            self._last_check = 0.0
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            registry[trial.trial_id] = trial
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             n = trial.config.get(KEY_NUMBER, "?")
@@ -205,387 +451,152 @@ def _progress_callback(spec: JobSpec, out: Callable[[str], None]):
         def on_trial_error(self, iteration, trials, trial, **info):
             self.running.pop(trial.trial_id, None)
 
-        def done(self, number, state, values, reason):
+        def on_step_begin(self, iteration, trials, **info):
+            if not spec.resources.get("autoscale"):
+                return
+            now = time.monotonic()
+            if now - self._last_check < 2.0:
+                return
+            self._last_check = now
+            pending = [t for t in trials if t.status == Trial.PENDING]
+            running = [t for t in trials if t.status == Trial.RUNNING]
+            if pending and not running:
+                if self.waiting_since is None:
+                    self.waiting_since = now
+                    study.set_user_attr(st.ATTR_WAITING, {"since": time.time(), "pending": len(pending),
+                                                          "asks": spec.trial_resources()})
+                    out(f"  waiting for resources: {len(pending)} trial(s) ask "
+                        f"{_fmt_request(spec.trial_resources())} (limit {spec.resources['wait_for_resources_s']:g} s)")
+                elif now - self.waiting_since > float(spec.resources["wait_for_resources_s"]):
+                    self.gave_up = (f"waited {now - self.waiting_since:.0f} s for a node that can hold a trial "
+                                    f"({_fmt_request(spec.trial_resources())}); none came")
+            elif self.waiting_since is not None:
+                self.waiting_since = None
+                study.set_user_attr(st.ATTR_WAITING, None)
+
+        def done(self, number, state, values, reason, arm):
             v = values[0] if values else None
-            if state != "FAIL" and v is not None and (self.best is None or sign * v < sign * self.best[0]):
-                self.best = (v, number)
-            best = f"best #{self.best[1]} {objective.metric}={_fmt(self.best[0])}" if self.best else "best: none yet"
+            best = self.best.get(arm)
+            if state == "COMPLETE" and v is not None and (best is None or sign * v < sign * best[0]):
+                self.best[arm] = (v, number)
+            tail = "   ".join(f"best {a} #{b[1]} {objective.metric}={_fmt(b[0])}" for a, b in sorted(self.best.items()))
             detail = f" ({reason})" if reason else ""
-            out(f"  trial {number:>3} {state:<8} {objective.metric}={_fmt(v)}{detail}   {best}")
+            label = f"{arm:<8} " if len(spec.arms) > 1 else ""
+            out(f"  trial {number:>3} {label}{state:<8} {objective.metric}={_fmt(v)}{detail}   {tail}")
 
-    return Progress()
+    from ray.tune.stopper import Stopper
 
+    progress = Progress()
 
-def _fmt(v) -> str:
-    return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+    class WaitLimit(Stopper):
+        def __call__(self, trial_id, result):
+            return False
 
+        def stop_all(self):
+            return progress.gave_up is not None
 
-# ---------------------------------------------------------------------------------------- the driver
-
-
-def _quiet_ray() -> None:
-    """Our own progress lines replace Ray's tables and its end-of-run error banner."""
-    import logging
-
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    for name in ("ray.tune", "ray.air", "ray.train", "ray"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    return progress, WaitLimit()
 
 
-def _init_ray(address: str | None, workdir: Path) -> None:
-    _quiet_ray()
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    kw: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": "ERROR",
-                          "runtime_env": {"worker_process_setup_hook": "workers.setup.setup"}}
-    try:
-        if address:
-            ray.init(address=address, **kw)
-        else:  # a local Ray, or the cluster of the Ray job this driver runs in; no CPU/GPU counts given
-            ray.init(include_dashboard=False, **kw)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot connect to Ray at {address}: {str(e).strip().splitlines()[0]}", field="address") from None
+# ------------------------------------------------------------------------------------------------ fit
 
 
-def submit(spec_path: Path, address: str, storage: str | None, tracking: str | None, study: str | None,
-           overrides: list[str], wait: bool, out: Callable[[str], None] = print) -> str:
-    """Submit `ssa-tune run SPEC` as a Ray job to a cluster (Ray Jobs); the spec's folder is the working dir."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def portable_raw(spec: JobSpec) -> dict:
+    """The spec as workers get it: inside a Ray job, paths of data shipped with the job are relative (each
+    node unpacks the job's working dir at its own place; `validate(base_dir=...)` resolves them there)."""
+    from pathlib import Path
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    try:
-        client = JobSubmissionClient(address)
-    except Exception as e:
-        raise UserError(f"cannot reach the Ray Jobs API at {address}: {str(e).strip().splitlines()[0]}",
-                        field="--address") from None
-    parts = ["ssa-tune", "run", spec_path.name]
-    for flag, value in (("--storage", storage), ("--tracking-uri", tracking), ("--study", study)):
-        if value:
-            parts += [flag, value]
-    for o in overrides:
-        parts += ["--set", o]
-    import shlex
-
-    entrypoint = " ".join(shlex.quote(p) for p in parts)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(spec_path.parent)})
-    out(f"submitted {job_id}: {entrypoint.replace(storage or chr(0), st.redact(storage) if storage else '')}")
-    out(f"logs: ray job logs --address {address} {job_id} --follow")
-    if wait:
-        terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-        while (status := client.get_job_status(job_id)) not in terminal:
-            time.sleep(2)
-        out(f"{job_id}: {status.value}")
-        if status != JobStatus.SUCCEEDED:
-            raise UserError(f"job {job_id} ended {status.value}; see `ray job logs {job_id}`", field="--address")
-    return job_id
+    return spec.relative_raw(Path.cwd()) if in_ray_job() else spec.raw
 
 
-def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: int | None = None,
-              address: str | None = None, out: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or continue) the study to its budget; returns the summary `ssa-tune status` prints."""
-    study_name = target.study or spec.name
-    st.check_storage(target.storage)
-    check_tracking(target.tracking)
-    target.workdir.mkdir(parents=True, exist_ok=True)
-    storage = st.open_storage(target.storage)
-    existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-    spec_json = json.dumps(spec.raw, sort_keys=True, default=str)
-    budget = n_trials or spec.n_trials
-    study = st.create_or_load(spec, storage, study_name)
-    if study_name in existing:
-        recorded = study.user_attrs.get(st.ATTR_SPEC)
-        if recorded is not None and recorded != spec_json and not resume:
-            raise UserError(f"study {study_name!r} exists with a different spec; pass --study NEW_NAME "
-                            f"or `ssa-tune resume {study_name}`", spec.path, "name")
-        alive = st.driver_alive(study)
-        if alive:
-            raise UserError(f"study {study_name!r} is being run by pid {alive['pid']} on this host", field="study")
-    if not (resume and st.ATTR_SPEC in study.user_attrs):  # resume keeps the spec the study was made with
-        study.set_user_attr(st.ATTR_SPEC, spec_json)
-    study.set_user_attr(st.ATTR_SPEC_PATH, spec.path)
-    study.set_user_attr(st.ATTR_DRIVER, {"host": socket.gethostname(), "pid": os.getpid()})
-    study.set_user_attr("ssa_tune.n_trials", budget)
-
-    _init_ray(address, target.workdir)  # early: its worker processes start while the tracking store is set up
-    tracker = Tracker(target.tracking, study_name, target.workdir / "mlartifacts")
-    # a previous driver that died left RUNNING trials: FAIL them (and their MLflow runs), retry their params
-    orphans = st.fail_orphans(study, "killed: the driver stopped while the trial ran")
-    if orphans:
-        tracker.kill_runs([t.user_attrs[st.T_RUN] for t in orphans if st.T_RUN in t.user_attrs],
-                          "killed: the driver stopped while the trial ran")
-        retried = st.enqueue_retries(study, orphans)
-        out(f"resume: {len(orphans)} interrupted trial(s) marked FAIL, {retried} re-queued")
-    parent = tracker.parent_run(study_name, study.user_attrs.get(st.ATTR_PARENT_RUN),
-                                {"ssa_tune.storage": st.redact(target.storage)})
-    study.set_user_attr(st.ATTR_PARENT_RUN, parent)
-    study.set_user_attr(st.ATTR_EXPERIMENT, tracker.experiment_id)
-    study.set_user_attr(st.ATTR_TRACKING, target.tracking)
-    tracker.log_study(parent, params={f"spec.{k}": v for k, v in _flat(spec.raw).items()},
-                      tags={"ssa_tune.spec_path": spec.path})
-    if spec.ssa is not None and spec.baseline and not study.trials:
-        study.enqueue_trial(spec.baseline_params())
-
-    out(f"study {study_name}: {st.budget_used(study)}/{budget} trials done; storage {st.redact(target.storage)}; "
-        f"tracking {target.tracking}")
-    started = time.monotonic()
-    trials_before = len(study.trials)
-    # trials that FAIL do not count toward the budget: run further rounds for them, a bounded number
-    for _ in range(3):
-        remaining = budget - st.budget_used(study)
-        if remaining <= 0:
-            break
-        time_left = None
-        if spec.time_limit_s is not None:
-            time_left = spec.time_limit_s - (time.monotonic() - started)
-            if time_left <= 0:
-                break
-        failed_before = st.counts(study)["failed"]
-        _fit(spec, target, study, storage, tracker, parent, remaining, time_left, out)
-        if st.counts(study)["failed"] == failed_before:
-            break  # short of the budget without failures: the time limit ended it
-    summary = status(study, target)
-    summary["new_trials"] = len(study.trials) - trials_before
-    best = summary["best"]
-    metrics = {"best_value": best["value"]} if best and isinstance(best["value"], (int, float)) else {}
-    metrics.update({f"trials_{k}": v for k, v in summary["trials"].items()})
-    tracker.log_study(parent, metrics=metrics,
-                      tags={"ssa_tune.best_trial": best["number"]} if best else None)
-    tracker.finish_study(parent)
-    study.set_user_attr(st.ATTR_DRIVER, None)
-    return summary
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and not prefix.startswith("search"):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, (dict, list)) else v
-    return {k: v for k, v in out.items() if k not in ("storage", "tracking")}  # URLs may carry passwords
-
-
-def _fit(spec: JobSpec, target: Target, study, storage, tracker: Tracker, parent: str,
-         num_samples: int, time_budget: float | None, out: Callable[[str], None]) -> None:
+def fit(spec: JobSpec, study, storage_url: str, workdir, mirror, driver: str, budgets: dict[str, int],
+        time_budget: float | None, out: Callable[[str], None]) -> None:
+    """Run the study's trials on Ray Tune until every arm's budget is used (or the time limit)."""
     from ray import tune
 
-    study_name = study.study_name
-    max_steps = spec.max_steps
-    if spec.train.get("max_tokens") is not None:
-        max_steps = 10**9  # a token budget: only the scheduler's own max decides
-    progress = _progress_callback(spec, out)
-    metrics = [o.metric for o in spec.objectives]
-    modes = ["min" if o.direction == "minimize" else "max" for o in spec.objectives]
-    search = _searcher_class()(
-        spec=spec, tracker=tracker, parent_run=parent, max_steps=max_steps, on_done=progress.done,
-        metric=metrics if len(metrics) > 1 else metrics[0], mode=modes if len(modes) > 1 else modes[0],
-        sampler=st.make_sampler(spec, offset=len(study.trials)), storage=storage, study_name=study_name)
+    train = spec.train_config({})
+    if train.max_tokens is not None:  # a token budget: the scheduler counts tokens
+        time_attr, max_t = "tokens", train.max_tokens
+        tokens_per_step = train.batch_size * train.grad_accum * int(spec.model.get("seq_len", 128))
+        grace = (spec.scheduler.get("grace_steps") or train.eval_every) * tokens_per_step
+    else:
+        time_attr, max_t = "step", _max_steps(spec)
+        grace = spec.scheduler.get("grace_steps") or train.eval_every
+    trials: dict[str, Any] = {}
+    progress, stopper = _callbacks(spec, study, out, trials)
+    search = _searcher_class()(spec=spec, study=study, storage_url=storage_url, budgets=budgets, driver=driver,
+                               mirror=mirror, trials=trials, on_done=progress.done,
+                               max_failures=2 * sum(budgets.values()) + 2)
     cpus, gpus = float(spec.resources["cpus_per_trial"]), float(spec.resources["gpus_per_trial"])
-    ctx = {"spec": json.dumps(spec.raw, default=str), "spec_path": spec.path, "cpus": cpus, "gpus": gpus,
-           "tracking": target.tracking, "storage": target.storage, "study": study_name}
-    trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx), {"cpu": cpus, "gpu": gpus})
-    single = len(metrics) == 1
+    ctx = {"spec": json.dumps(portable_raw(spec), default=str), "spec_path": spec.path, "cpus": cpus, "gpus": gpus}
+    request = spec.trial_resources()
+    resources = {"cpu": cpus, "gpu": gpus}
+    if "memory" in request:
+        resources["memory"] = request["memory"]
+    resources.update({k: v for k, v in request.items() if k not in ("CPU", "GPU", "memory")})
+    trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx), resources)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=search,
-            scheduler=_scheduler(spec, max_steps) if single else None,
-            num_samples=num_samples,
+            scheduler=_arm_scheduler(spec, max_t, time_attr, grace),
+            num_samples=-1,  # the searcher decides when the budget is spent
             max_concurrent_trials=int(spec.resources["max_concurrent"]),
             reuse_actors=True,
             time_budget_s=time_budget,
         ),
         run_config=tune.RunConfig(
-            name=f"{study_name}-{int(time.time())}",
-            storage_path=str(target.workdir / "ray_results"),
+            name=f"{study.study_name}-{int(time.time())}",
+            storage_path=str(workdir / "ray_results"),
             verbose=0,
             callbacks=[progress],
+            stop=stopper,
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
     tuner.fit()
+    if progress.gave_up:
+        raise UserError(progress.gave_up, spec.path, "resources")
 
 
-# ----------------------------------------------------------------------------------- reading a study
+def _max_steps(spec: JobSpec) -> int:
+    """The most steps any trial can train (the top of a searched max_steps range)."""
+    steps = spec.train_config({}).max_steps
+    for p in spec.search:
+        if p.name == "train.max_steps":
+            steps = max([steps, *(int(v) for v in p.values_to_check())])
+    return steps
 
 
-def status(study, target: Target) -> dict[str, Any]:
-    best = st.best_trial(study)
-    return {
-        "study": study.study_name,
-        "storage": st.redact(target.storage),
-        "tracking_uri": target.tracking,
-        "n_trials": study.user_attrs.get("ssa_tune.n_trials"),
-        "trials": st.counts(study),
-        "best": None if best is None else {
-            "number": best.number,
-            "value": best.value if len(best.values) == 1 else best.values,
-            "params": dict(best.params),
-        },
-    }
+# ------------------------------------------------------------------------------------------- plain tasks
 
 
-# ------------------------------------------------------------------------------------- robustness stage
-
-
-ROBUSTNESS_DEFAULTS = {"top_k": 3, "seeds": 3, "penalty": 1.0, "long_context": None, "noise": None, "constraint": False}
-ATTR_ROBUSTNESS = "ssa_tune.robustness"
-
-
-def _variant_spec(spec: JobSpec, dataset_override: dict | None) -> JobSpec:
-    """The spec with another dataset (an override with `kind` replaces it, one without is merged)."""
-    if not dataset_override:
-        return spec
-    dataset = dict(dataset_override) if "kind" in dataset_override else {**spec.dataset, **dataset_override}
-    raw = {**spec.raw, "dataset": dataset}
-    return validate(raw, spec.path, check_data=False)
-
-
-def _robust_job(spec_json: str, spec_path: str, params: dict, cpus: float, gpus: float, tracking: str,
-                run_id: str) -> dict:
-    spec = validate(json.loads(spec_json), spec_path, check_data=False)
-    try:
-        result = execute(spec, params, cpus, gpus, report=lambda m: None, tracking_uri=tracking, run_id=run_id)
-        return {"ok": True, "metrics": result.metrics}
-    except Exception as e:
-        return {"ok": False, "reason": failure_reason(e)}
-
-
-def run_robustness(study, spec: JobSpec, target: Target, out: Callable[[str], None] = print,
-                   address: str | None = None) -> dict[str, Any]:
-    """Re-train the top-k configs and the baseline with fresh seeds (in parallel on Ray), on the study's
-    dataset and on the optional long-context / noise variants; rank by the robust score."""
+def run_tasks(fn: Callable, jobs: list[tuple], resources: dict[str, float], limit: int,
+              on_done: Callable[[int, dict], None]) -> dict[int, dict]:
+    """Run `fn(*args)` for each job as Ray tasks, at most `limit` at a time; `fn` returns a dict. A task whose
+    worker dies gives {"ok": False, "reason": ...}. Returns {job index: result}."""
     import ray
 
-    from . import analyse
-
-    r = {**ROBUSTNESS_DEFAULTS, **(spec.robustness or {})}
-    objective = spec.objectives[0]
-    top = analyse.pick_top(study, r["top_k"])
-    if not top:
-        raise UserError(f"study {study.study_name!r} has no complete trial to re-run", field="STUDY")
-    configs = {f"trial-{t.number}": dict(t.params) for t in top}
-    baseline_id = None
-    if spec.ssa is not None or any(p.name == "ssa.enabled" for p in spec.search):
-        # the verdict needs both sides: the best SSA trial and the best baseline trial always take part
-        sign = 1 if objective.direction == "minimize" else -1
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.values and math.isfinite(t.values[0])]
-        ssa_trials = [t for t in done if t.params.get("ssa.enabled", spec.ssa is not None) is True]
-        if ssa_trials:
-            b = min(ssa_trials, key=lambda t: sign * t.values[0])
-            configs.setdefault(f"trial-{b.number}", dict(b.params))
-        base = [t for t in done if t.params.get("ssa.enabled") is False]
-        if base:
-            b = min(base, key=lambda t: sign * t.values[0])
-            baseline_id = f"trial-{b.number}"
-            configs.setdefault(baseline_id, dict(b.params))
-        else:
-            baseline_id = "baseline"
-            configs[baseline_id] = spec.baseline_params()
-    seeds = [10_000 + i for i in range(int(r["seeds"]))]  # fresh seeds, never the study's own
-    variants = {"main": spec}
-    for name in ("long_context", "noise"):
-        if r.get(name):
-            variants[name] = _variant_spec(spec, r[name])
-    tracker = Tracker(target.tracking, study.study_name, target.workdir / "mlartifacts")
-    parent = study.user_attrs.get(st.ATTR_PARENT_RUN) or tracker.parent_run(study.study_name, None, {})
-    _init_ray(address, target.workdir)
-    cpus, gpus = float(spec.resources["cpus_per_trial"]), float(spec.resources["gpus_per_trial"])
-    task = ray.remote(_robust_job)
-    jobs = []
-    for vname, vspec in variants.items():
-        vjson = json.dumps(vspec.raw, default=str)
-        for cid, params in configs.items():
-            for seed in seeds:
-                p = {**params, "train.seed": seed}
-                d, m, t, s = vspec.trial_config(p)
-                run_id = tracker.child_run(
-                    parent, study.study_name, None, trial_params(d, m, t, s), role="robustness",
-                    tags={"ssa_tune.config": cid, "ssa_tune.seed": seed, "ssa_tune.variant": vname},
-                    name=f"robust-{cid}-{vname}-s{seed}")
-                jobs.append({"config": cid, "variant": vname, "seed": seed, "run_id": run_id,
-                             "args": (vjson, spec.path, p, cpus, gpus, target.tracking, run_id)})
-    out(f"robustness: {len(configs)} configs x {len(seeds)} seeds x {len(variants)} variant(s) = {len(jobs)} runs")
+    request = {"num_cpus": resources.get("CPU", 1.0), "num_gpus": resources.get("GPU", 0.0)}
+    if "memory" in resources:
+        request["memory"] = resources["memory"]
+    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
+    if custom:
+        request["resources"] = custom
+    task = ray.remote(fn)
     results: dict[int, dict] = {}
-    limit = int(spec.resources["max_concurrent"])
     queue = list(range(len(jobs)))
     running: dict[Any, int] = {}
     while queue or running:
         while queue and len(running) < limit:
             i = queue.pop(0)
-            running[task.options(num_cpus=cpus, num_gpus=gpus).remote(*jobs[i]["args"])] = i
-        done, _ = ray.wait(list(running), num_returns=1)
-        for ref in done:
+            running[task.options(**request).remote(*jobs[i])] = i
+        ready, _ = ray.wait(list(running), num_returns=1)
+        for ref in ready:
             i = running.pop(ref)
             try:
                 results[i] = ray.get(ref)
-            except Exception as e:  # the worker died
-                results[i] = {"ok": False, "reason": f"worker died: {type(e).__name__}"}
-            j = jobs[i]
-            res = results[i]
-            state = "COMPLETE" if res["ok"] else "FAIL"
-            tracker.finish_trial(j["run_id"], state, res.get("reason"))
-            value = res["metrics"].get(objective.metric) if res["ok"] else None
-            out(f"  robust {j['config']:<10} {j['variant']:<12} seed {j['seed']}: {objective.metric}="
-                f"{_fmt(value)}" + ("" if res["ok"] else f" ({res['reason']})"))
-
-    def collect(variant: str, metric: str) -> dict[str, list]:
-        table: dict[str, list] = {cid: [] for cid in configs}
-        for i, j in enumerate(jobs):
-            if j["variant"] == variant:
-                res = results[i]
-                table[j["config"]].append(res["metrics"].get(metric) if res["ok"] else None)
-        return table
-
-    main = collect("main", objective.metric)
-    summary = analyse.robust_summary(main, objective.direction, float(r["penalty"]))
-    long_metric = None
-    flags: dict[str, bool] = {}
-    long_table: dict[str, list] = {}
-    if "long_context" in variants:
-        probe = _variant_spec(spec, r["long_context"])
-        long_metric = "passkey_acc" if probe.dataset["kind"] == "passkey" else "val_acc"
-        long_table = collect("long_context", long_metric)
-    elif spec.dataset["kind"] == "passkey":
-        long_metric, long_table = "passkey_acc", collect("main", "passkey_acc")
-    if long_table and baseline_id:
-        flags = analyse.long_range_flags(long_table, baseline_id)
-    noise_table = collect("noise", objective.metric) if "noise" in variants else {}
-    eligible = [c for c in summary if summary[c]["score"] is not None and not (r["constraint"] and flags.get(c))]
-    winner = eligible[0] if eligible else None
-    costs = {}
-    ssa_ids = [c for c in summary if configs[c].get("ssa.enabled", spec.ssa is not None) and summary[c]["score"] is not None]
-    best_ssa = ssa_ids[0] if ssa_ids else None
-    verdict = None
-    if baseline_id and best_ssa:
-        for metric in ("latency_ms_per_token", "peak_mem_mb", "n_params", "tokens_per_s"):
-            table = collect("main", metric)
-            s_vals = [v for v in table[best_ssa] if v is not None]
-            b_vals = [v for v in table[baseline_id] if v is not None]
-            if s_vals and b_vals:
-                costs[metric] = {"ssa": statistics.fmean(s_vals), "baseline": statistics.fmean(b_vals)}
-        verdict = analyse.verdict(main[best_ssa], main[baseline_id], objective.direction, objective.metric, costs)
-        verdict["ssa_config"], verdict["baseline_config"] = best_ssa, baseline_id
-    report = {
-        "objective": objective.metric, "direction": objective.direction, "penalty": float(r["penalty"]),
-        "seeds": seeds, "configs": configs, "baseline": baseline_id, "summary": summary,
-        "rank_stability_kendall_tau": analyse.rank_stability(main),
-        "long_context": {"metric": long_metric, "values": long_table, "flagged": flags,
-                         "constraint": bool(r["constraint"])} if long_metric else None,
-        "noise": {"metric": objective.metric, "values": noise_table} if noise_table else None,
-        "winner": winner, "best_ssa": best_ssa, "verdict": verdict,
-    }
-    study.set_user_attr(ATTR_ROBUSTNESS, json.loads(json.dumps(report, default=str)))
-    if winner:
-        w = summary[winner]
-        out(f"robust winner: {winner} ({objective.metric} {w['mean']:.4f} +- {w['std']:.4f} over {w['seeds']} seeds)")
-    if verdict:
-        out(f"verdict: {verdict['answer']}")
-    return report
+            except Exception as e:  # noqa: BLE001 - the worker died
+                results[i] = {"ok": False, "reason": f"worker lost: {type(e).__name__}"}
+            on_done(i, results[i])
+    return results

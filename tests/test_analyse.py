@@ -71,10 +71,17 @@ def test_robust_score_prefers_the_stable_config():
     assert list(analyse.robust_summary(acc, "maximize", penalty=1.0))[0] == "stable"
 
 
-def test_failed_seed_runs_are_left_out_of_the_score():
-    summary = analyse.robust_summary({"a": [1.0, None, 1.2], "b": [None, None]}, "minimize")
-    assert summary["a"]["seeds"] == 2 and summary["b"]["score"] is None
-    assert list(summary) == ["a", "b"]
+def test_failed_seeds_are_penalised_never_rewarded():
+    """A config whose other seeds failed must not look more robust than one that finished every seed (its
+    std over the one survivor would be 0): a failed seed counts as the worst value seen."""
+    summary = analyse.robust_summary({"steady": [1.0, 1.02, 0.98], "fragile": [0.9, None, None],
+                                      "dead": [None, None, None]}, "minimize")
+    assert list(summary) == ["steady", "fragile", "dead"]
+    assert summary["fragile"]["failed"] == 2 and summary["fragile"]["seeds"] == 3
+    assert summary["fragile"]["mean"] > 0.9 and summary["fragile"]["std"] > 0
+    assert summary["dead"]["score"] is None
+    acc = analyse.robust_summary({"steady": [0.8, 0.81, 0.79], "fragile": [0.9, None, None]}, "maximize")
+    assert list(acc) == ["steady", "fragile"]
 
 
 def test_rank_stability():
@@ -84,13 +91,20 @@ def test_rank_stability():
     assert analyse.rank_stability(flip) == pytest.approx(-1.0)
 
 
-def test_difference_interval_matches_welch():
+def test_paired_interval_matches_scipy_and_uses_the_pairing():
     from scipy import stats
 
-    a, b = [1.0, 1.2, 0.9, 1.1], [1.5, 1.7, 1.6]
-    d = analyse.difference(a, b)
-    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    # seed effects shared by both arms dominate the spread; the per-seed difference is steady
+    a, b = [1.0, 1.6, 0.7, 1.3], [1.1, 1.72, 0.79, 1.41]
+    d = analyse.paired_difference(a, b)
+    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
     assert d["low"] == pytest.approx(ci.low) and d["high"] == pytest.approx(ci.high)
+    assert d["n"] == 4 and d["high"] < 0  # paired, the difference is clear ...
+    welch = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert welch.low < 0 < welch.high  # ... which an unpaired interval would have missed
+    assert analyse.verdict(a, b, "minimize", "val_loss")["answer"].startswith("SSA helps")
+    # seeds where either side failed drop out of the pairs
+    assert analyse.paired_difference([1.0, None, 2.0], [0.5, 1.0, None])["n"] == 1
 
 
 def test_verdict_words():
@@ -100,7 +114,7 @@ def test_verdict_words():
     assert hurts["answer"].startswith("SSA hurts")
     unclear = analyse.verdict([1.0, 1.5, 0.7], [1.1, 0.8, 1.3], "minimize", "val_loss")
     assert unclear["answer"].startswith("no clear difference")
-    single = analyse.verdict([1.0], [2.0, 2.1], "minimize", "val_loss")
+    single = analyse.verdict([1.0, None], [2.0, 2.1], "minimize", "val_loss")
     assert single["answer"].startswith("undecided") and single["ssa_minus_baseline"]["low"] is None
 
 

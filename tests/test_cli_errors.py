@@ -38,7 +38,12 @@ BAD_SPECS = [
     ("unknown-dataset-kind", {"dataset": {"kind": "imagenet"}}, "dataset.kind: must be one of"),
     ("unknown-dataset-param", {"dataset": {"kind": "markov", "nodes": 5}}, "dataset.nodes: unknown key"),
     ("bad-scheduler", {"scheduler": {"kind": "pbt"}}, "scheduler.kind: must be one of"),
-    ("bad-budget", {"budget": {"n_trials": 0}}, "budget.n_trials: must be >= 1"),
+    ("bad-budget", {"budget": {"n_trials": 0}}, "budget.n_trials: must be an integer >= 1"),
+    ("one-trial-two-arms", {"budget": {"n_trials": 1}}, "budget.n_trials: must be >= 2: the baseline and the SSA arm"),
+    ("bad-arm-share", {"budget": {"baseline_share": 1.0}}, "budget.baseline_share: must be in (0, 1)"),
+    ("searched-switch", {"search": {"ssa.enabled": {"type": "bool"}}}, "search.ssa.enabled: SSA on/off is not searched"),
+    ("bad-custom-resource", {"resources": {"custom": {"CPU": 1}}}, "resources.custom.CPU: must name a custom Ray"),
+    ("unknown-resource", {"resources": {"gpu": 1}}, "resources.gpu: unknown key"),
     ("bad-objective", {"objective": {"metric": "val_loss", "direction": "down"}}, "objective.direction: must be"),
     ("multi-objective-with-asha", {"objective": [{"metric": "val_loss"}, {"metric": "latency_ms_per_token"}]},
      "scheduler.kind: early stopping needs a single objective"),
@@ -101,6 +106,32 @@ def test_set_override_is_validated(write_spec):
     spec = write_spec()
     result = runner.invoke(app, ["validate", str(spec), "--set", "train.max_steps=-3"])
     _assert_one_line(result, spec, "train.max_steps: must be an integer >= 1")
+
+
+def test_set_takes_yaml_numbers_as_the_help_writes_them(write_spec):
+    """`--set train.lr=1e-3` is the CLI's own help example; YAML 1.1 would read it as the string '1e-3'."""
+    spec = write_spec()
+    result = runner.invoke(app, ["validate", str(spec), "--set", "train.lr=1e-3", "--set", "train.max_steps=2e1"])
+    assert result.exit_code == 2 and "train.max_steps: must be an integer" in result.output  # 2e1 is a float
+    result = runner.invoke(app, ["validate", str(spec), "--set", "train.lr=1e-3"])
+    assert result.exit_code == 0, result.output
+    from ssa_tune.spec import load_spec
+
+    assert load_spec(spec, ["train.lr=1e-3"]).train["lr"] == 0.001
+    spec.write_text(spec.read_text().replace("lr: 0.003", "lr: 3e-3"))  # the same in the file itself
+    assert load_spec(spec).train["lr"] == 0.003
+
+
+def test_set_a_field_under_a_scalar_replaces_it(write_spec):
+    """`--set ssa.layers.count=2` on a spec with `layers: all` converts the top 2 layers (no traceback)."""
+    spec = write_spec({"model": {"n_layer": 3}, "ssa": {"layers": "all"}})
+    result = runner.invoke(app, ["validate", str(spec), "--set", "ssa.layers.count=2"])
+    assert result.exit_code == 0, result.output
+    from ssa_tune.config import LayerPlacement
+    from ssa_tune.spec import load_spec
+
+    _, _, _, ssa = load_spec(spec, ["ssa.layers.count=2"]).trial_config({})
+    assert ssa.layers == LayerPlacement(2, "top") and ssa.resolve_layers(3) == (1, 2)
 
 
 def test_unknown_study_is_one_line(tmp_path):

@@ -231,8 +231,20 @@ def test_robustness_stage_report_and_robust_export(write_spec, tmp_path):
     assert {"report/report.html", "report/report.json", "report/importances.png", "report/robustness.png"} <= names
     assert parent.data.tags["ssa_tune.verdict"] == rep["verdict"]["answer"]
     robust_runs = [r for r in runs if r.data.tags.get("ssa_tune.role") == "robustness"]
-    assert len(robust_runs) == len(rob) * 2 * 2  # configs x seeds x (main + long_context)
-    assert {r.data.tags["ssa_tune.variant"] for r in robust_runs} == {"main", "long_context"}
+    select = [r for r in robust_runs if r.data.tags["ssa_tune.stage"] == "select"]
+    confirm = [r for r in robust_runs if r.data.tags["ssa_tune.stage"] == "confirm"]
+    assert len(select) == len(rob) * 2 * 2  # configs x seeds x (main + long_context)
+    assert {r.data.tags["ssa_tune.variant"] for r in select} == {"main", "long_context"}
+    # the verdict is confirmed on seeds nobody chose on: the chosen SSA and baseline configs, paired by seed
+    v = rep["verdict"]
+    assert len(confirm) == 2 * 2 and {r.data.tags["ssa_tune.config"] for r in confirm} == \
+        {v["ssa_config"], v["baseline_config"]}
+    confirm_seeds = {r.data.tags["ssa_tune.seed"] for r in confirm}
+    assert not confirm_seeds & {r.data.tags["ssa_tune.seed"] for r in select}
+    assert v["ssa_minus_baseline"]["method"] == "paired t over 2 shared seeds"
+    # seeds vary training only: every run is scored on the study's own evaluation data
+    assert {r.data.params["dataset.eval_seed"] for r in robust_runs} == {"0"}
+    assert len({r.data.params["train.seed"] for r in robust_runs}) == 4
     # the export takes the robust winner and says so
     out = tmp_path / "best.json"
     run_cli("export", "tiny", "-o", out, "--workdir", wd)

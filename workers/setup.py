@@ -20,12 +20,4 @@ def setup() -> None:
 
     import ssa_tune.data  # noqa: F401
     import ssa_tune.train  # noqa: F401
-    import ssa_tune.track  # noqa: F401
-
-    try:
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    except ImportError:
-        pass
+    # workers report to the driver only: neither Optuna nor MLflow is imported here

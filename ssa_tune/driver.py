@@ -1,0 +1,278 @@
+"""The study driver: set a study up, run it to its budget on Ray, keep its MLflow mirror, read it back.
+
+One direction: the CLI calls `run_study` / `status` / `sync`; this module uses the Optuna side (`study`),
+Ray (`tune`) and MLflow (`track`). Several drivers may run one study at once (see `study`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import study as st
+from . import tune
+from .errors import UserError
+from .spec import JobSpec
+from .track import Mirror, Tracker, check_tracking, default_tracking, experiment_url
+
+
+@dataclass
+class Target:
+    """Where a study lives."""
+
+    workdir: Path
+    storage: str
+    tracking: str
+    study: str
+
+
+def resolve_target(spec_storage: str | None, spec_tracking: str | None, workdir: str | None, storage: str | None,
+                   tracking: str | None, study: str | None) -> Target:
+    wd = Path(workdir or os.environ.get("SSA_TUNE_HOME") or ".ssa_tune").expanduser().resolve()
+    return Target(workdir=wd, storage=storage or spec_storage or st.default_storage(wd),
+                  tracking=tracking or spec_tracking or default_tracking(wd), study=study or "")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not prefix.startswith("search"):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (dict, list)) else v
+    return {k: v for k, v in out.items() if k not in ("storage", "tracking")}  # URLs may carry passwords
+
+
+# ----------------------------------------------------------------------------------- the MLflow mirror
+
+
+def open_mirror(study, target: Target, tracker: Tracker | None = None) -> Mirror:
+    """The study's MLflow mirror: run ids and undelivered writes are kept in the Optuna study."""
+    tracker = tracker or Tracker(target.tracking, study.study_name, target.workdir / "mlartifacts")
+    storage = study._storage
+    runs: dict[str, str] = {}
+    for t in study.get_trials(deepcopy=False):
+        if st.T_RUN in t.user_attrs:
+            runs[f"trial-{t.number}"] = t.user_attrs[st.T_RUN]
+    prefix = "ssa_tune.mlflow_run."
+    for k, v in study.user_attrs.items():
+        if k.startswith(prefix) and v:
+            runs[k[len(prefix):]] = v
+
+    def trial_id(key: str) -> int | None:
+        if key.startswith("trial-") and key[6:].isdigit():
+            return storage.get_trial_id_from_study_id_trial_number(study._study_id, int(key[6:]))
+        return None
+
+    def created(key: str, run_id: str) -> None:
+        tid = trial_id(key)
+        if tid is not None:
+            storage.set_trial_user_attr(tid, st.T_RUN, run_id)
+        else:
+            study.set_user_attr(prefix + key, run_id)
+
+    def undelivered(key: str, ops: list[dict]) -> None:
+        tid = trial_id(key)
+        if tid is not None:
+            before = storage.get_trial(tid).user_attrs.get(st.T_MLFLOW_PENDING) or []
+            storage.set_trial_user_attr(tid, st.T_MLFLOW_PENDING, before + ops)
+        else:
+            before = study.user_attrs.get(f"{st.ATTR_MLFLOW_PENDING}.{key}") or []
+            study.set_user_attr(f"{st.ATTR_MLFLOW_PENDING}.{key}", before + ops)
+
+    parent = study.user_attrs.get(st.ATTR_PARENT_RUN)
+    return Mirror(tracker, parent, study.study_name, on_created=created, on_undelivered=undelivered, runs=runs)
+
+
+def pending_mirror(study) -> dict[str, list[dict]]:
+    """MLflow writes a driver could not deliver (the tracking server was away when it ended), by run key."""
+    out: dict[str, list[dict]] = {}
+    for t in study.get_trials(deepcopy=False):
+        ops = t.user_attrs.get(st.T_MLFLOW_PENDING)
+        if ops:
+            out[f"trial-{t.number}"] = ops
+    for k, v in study.user_attrs.items():
+        if k.startswith(st.ATTR_MLFLOW_PENDING + ".") and v:
+            out[k[len(st.ATTR_MLFLOW_PENDING) + 1:]] = v
+    return out
+
+
+def _clear_pending(study, keys) -> None:
+    storage = study._storage
+    for key in keys:
+        if key.startswith("trial-") and key[6:].isdigit():
+            tid = storage.get_trial_id_from_study_id_trial_number(study._study_id, int(key[6:]))
+            storage.set_trial_user_attr(tid, st.T_MLFLOW_PENDING, [])
+        else:
+            study.set_user_attr(f"{st.ATTR_MLFLOW_PENDING}.{key}", [])
+
+
+def replay_pending(study, mirror: Mirror) -> int:
+    """Hand what an earlier driver could not deliver to `mirror`; returns how many writes."""
+    pending = pending_mirror(study)
+    if not pending:
+        return 0
+    _clear_pending(study, pending)  # the mirror keeps them again if they still cannot be delivered
+    n = 0
+    for ops in pending.values():
+        mirror.replay(ops)
+        n += len(ops)
+    return n
+
+
+def sync(study, target: Target, timeout: float = 120.0) -> dict[str, Any]:
+    """`ssa-tune sync`: send the MLflow writes earlier drivers could not deliver."""
+    check_tracking(target.tracking)
+    mirror = open_mirror(study, target)
+    n = replay_pending(study, mirror)
+    left = mirror.close(timeout)
+    return {"sent": n - sum(len(v) for v in left.values()), "still_pending": sorted(left)}
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+class _Heartbeat:
+    """Records every few seconds that this driver is alive, so other drivers leave its trials alone."""
+
+    def __init__(self, study, driver: str):
+        self.study, self.driver = study, driver
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ssa-tune-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(st.HEARTBEAT_S):
+            try:
+                st.beat(self.study, self.driver)
+            except Exception:  # noqa: BLE001 - a database restart: the next beat will do
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            st.beat(self.study, self.driver, stopped=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: int | None = None,
+              address: str | None = None, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or continue) the study to its budget; returns the summary `ssa-tune status` prints."""
+    study_name = target.study or spec.name
+    # everything that can be wrong is checked before anything is written
+    st.check_storage(target.storage)
+    check_tracking(target.tracking)
+    tune.init_ray(address)
+    tune.check_resources(spec)
+    target.workdir.mkdir(parents=True, exist_ok=True)
+    storage = st.open_storage(target.storage)
+    tracker = Tracker(target.tracking, study_name, target.workdir / "mlartifacts")
+    import optuna
+
+    budget = n_trials or spec.n_trials
+    spec_json = json.dumps(spec.raw, sort_keys=True, default=str)
+    driver = st.new_driver_id()
+    with st.study_lock(target.storage, study_name):
+        existing = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+        study = st.create_or_load(spec, storage, study_name)
+        study.sampler = st.study_sampler(spec, offset=len(study.trials))
+        if study_name in existing:
+            recorded = study.user_attrs.get(st.ATTR_SPEC)
+            if recorded is not None and recorded != spec_json and not resume:
+                raise UserError(f"study {study_name!r} exists with a different spec; pass --study NEW_NAME "
+                                f"or `ssa-tune resume {study_name}`", spec.path, "name")
+        if not (resume and st.ATTR_SPEC in study.user_attrs):  # resume keeps the spec the study was made with
+            study.set_user_attr(st.ATTR_SPEC, spec_json)
+        study.set_user_attr(st.ATTR_SPEC_PATH, spec.path)
+        study.set_user_attr(st.ATTR_N_TRIALS, budget)
+        st.beat(study, driver)
+        # a driver that died left RUNNING trials: FAIL them (and their MLflow runs), re-run their params once
+        lost = st.fail_trials(study, st.orphans(study, driver), "killed: its driver stopped while the trial ran")
+        retried = st.enqueue_retries(study, lost) if lost else 0
+        parent = tracker.parent_run(study_name, study.user_attrs.get(st.ATTR_PARENT_RUN),
+                                    {"ssa_tune.storage": st.redact(target.storage)})
+        study.set_user_attr(st.ATTR_PARENT_RUN, parent)
+        study.set_user_attr(st.ATTR_EXPERIMENT, tracker.experiment_id)
+        study.set_user_attr(st.ATTR_TRACKING, target.tracking)
+        if not study.trials:  # each arm starts from its default: the plain model, and the spec's SSA settings
+            for arm in spec.arms:
+                st.enqueue(study, spec, arm, spec.default_params(arm))
+    heartbeat = _Heartbeat(study, driver)
+    mirror = open_mirror(study, target, tracker)
+    try:
+        replayed = replay_pending(study, mirror)
+        for t in lost:
+            mirror.finish(f"trial-{t.number}", "FAIL", "killed: its driver stopped while the trial ran", status="KILLED")
+        tracker.log_study(parent, params={f"spec.{k}": v for k, v in _flat(spec.raw).items()},
+                          tags={"ssa_tune.spec_path": spec.path})
+        if lost:
+            out(f"resume: {len(lost)} interrupted trial(s) marked FAIL, {retried} re-queued")
+        if replayed:
+            out(f"mlflow: re-sending {replayed} write(s) an earlier driver could not deliver")
+        budgets = spec.arm_budgets(budget)
+        arms = ", ".join(f"{a} {budgets[a]}" for a in spec.arms)
+        out(f"study {study_name}: {st.budget_used(study)}/{budget} trials done ({arms}); storage "
+            f"{st.redact(target.storage)}; tracking {st.redact(target.tracking)}")
+        trials_before = len(study.trials)
+        tune.fit(spec, study, target.storage, target.workdir, mirror, driver, budgets, spec.time_limit_s, out)
+        summary = status(study, target)
+        summary["new_trials"] = len(study.trials) - trials_before
+        metrics: dict[str, float] = {f"trials_{k}": v for k, v in summary["trials"].items()}
+        for arm, best in summary["best_by_arm"].items():
+            if best and isinstance(best["value"], (int, float)):
+                metrics[f"best_value_{arm}"] = best["value"]
+        best = summary["best"]
+        if best and isinstance(best["value"], (int, float)):
+            metrics["best_value"] = best["value"]
+        tracker.log_study(parent, metrics=metrics, tags={"ssa_tune.best_trial": best["number"]} if best else None)
+        if not set(st.live_drivers(study)) - {driver}:  # the last driver out closes the study's run
+            tracker.client.set_terminated(parent, "FINISHED")
+    finally:
+        heartbeat.stop()
+        left = mirror.close(timeout=60.0)
+    if left:
+        out(f"mlflow: {len(left)} run(s) not fully mirrored (tracking server unreachable): "
+            f"{', '.join(sorted(left))}; `ssa-tune sync {study_name}` re-sends them")
+    summary["mlflow_pending"] = sorted(left)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _trial_row(t) -> dict[str, Any]:
+    return {"number": t.number, "arm": st.arm_of(t),
+            "value": t.value if len(t.values) == 1 else t.values, "params": dict(t.params)}
+
+
+def status(study, target: Target) -> dict[str, Any]:
+    spec_raw = study.user_attrs.get(st.ATTR_SPEC)
+    arms = sorted({st.arm_of(t) for t in study.get_trials(deepcopy=False)})
+    best = st.best_trial(study)
+    waiting = study.user_attrs.get(st.ATTR_WAITING)
+    drivers = st.live_drivers(study)
+    tracking = target.tracking
+    exp = study.user_attrs.get(st.ATTR_EXPERIMENT)
+    return {
+        "study": study.study_name,
+        "storage": st.redact(target.storage),
+        "tracking_uri": st.redact(tracking),
+        "mlflow_ui": experiment_url(tracking, exp) if exp else None,
+        "n_trials": study.user_attrs.get(st.ATTR_N_TRIALS),
+        "trials": st.counts(study),
+        "trials_by_arm": {a: st.counts(study, a) for a in arms},
+        "best": None if best is None else _trial_row(best),
+        "best_by_arm": {a: (None if (b := st.best_trial(study, a)) is None else _trial_row(b)) for a in arms},
+        "drivers": [{"id": k, "host": v.get("host"), "pid": v.get("pid")} for k, v in drivers.items()],
+        "waiting_for_resources": waiting if waiting and drivers else None,
+        "mlflow_pending": sorted(pending_mirror(study)),
+        "has_spec": spec_raw is not None,
+    }

@@ -1,0 +1,294 @@
+"""Selective Self-Attention in Hugging Face `transformers` causal LMs: GPT-2, the Llama family, GPT-NeoX.
+
+    import ssa_tune.hf                      # registers the adapters below with `ssa_tune.convert`
+    model = ssa_tune.convert(AutoModelForCausalLM.from_pretrained(...), SSAConfig(...))
+    ssa_tune.hf.save_pretrained(model, "out/")  ->  ssa_tune.hf.from_pretrained("out/")
+
+No attention code is copied. Every SSA temperature is one number per (token, head), so it is applied where
+the model *projects* q, k and v: a forward hook on the projection multiplies each head's vector by its inverse
+temperature. Everything after that is the model's own code, which is why the conversion is exact:
+
+- whatever attention kernel the model was loaded with (eager, sdpa, flash, flex) still runs;
+- rotary embeddings rotate a vector, which commutes with scaling it (also GPT-NeoX's partial rotary), and the
+  1/sqrt(d) of the kernel multiplies (tau_q q) . k just as it multiplies q . k, so the logits of row i are
+  tau_q(i) times the original ones: the formulas of design §3, the same as `ssa_tune.attention`;
+- values and keys are scaled before the model appends them to its KV cache: each is scaled exactly once,
+  and decoding token by token equals the full forward. (From transformers 5.17 the attention function is
+  handed the *cached* keys and values, so scaling there would rescale old tokens at every step.)
+
+tau_pos needs each token's absolute position. A forward pre-hook on the attention module reads the model's
+`position_ids` (transformers >= 5.17 passes them to every attention module): they already count the cached
+tokens, and `generate` computes them from the attention mask, so left padding and the cache stay right.
+
+Gates read what the built-in layer reads: a `linear` gate the projection's input x (the normalised hidden
+state), a `shared` gate the head's own projected vector before rotary, f = u_h . q_h. With grouped-query
+attention (fewer KV heads than query heads) the value and key temperatures are one per *KV head* and a shared
+value gate reads that KV head's value vector: a value is computed and cached once for its whole group of
+query heads, so one temperature per query head would mean copying every value per query head, which is
+what GQA avoids. The query temperature stays per query head.
+
+All new parameters live in a submodule `temps` of each converted attention module, so
+`ssa_tune.optim.parameter_groups` gives them their own learning rate, and `save_pretrained` can write the
+base weights and the SSA weights apart (a plain `AutoModelForCausalLM.from_pretrained` reads the folder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .attention import position_coefficient
+from .config import SSAConfig, load_config, save_config
+from .convert import Adapter, convert, register_adapter
+from .optim import is_temperature
+
+# The range the tests run at both ends (the attention modules get `position_ids` from 5.17 on).
+TRANSFORMERS_RANGE = ">=5.17,<5.25"
+SSA_CONFIG = "ssa_config.yaml"
+SSA_WEIGHTS = "ssa_weights.safetensors"
+
+_GATE_FIELD = {"q": "query_gate", "k": "key_gate", "v": "value_gate"}
+
+
+# ------------------------------------------------------------------------------------------ families
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Where one projection module of an attention layer keeps the query, key and/or value heads.
+
+    attr        the attention module's attribute: "c_attn" (GPT-2), "query_key_value" (GPT-NeoX), "q_proj"
+    slots       which of q, k, v its output holds, in output order
+    head_major  output laid out as (heads, slots, head_dim) as GPT-NeoX's fused projection is, instead of
+                (slots, heads, head_dim) as GPT-2's `c_attn` (and any single-slot projection) is
+    """
+
+    attr: str
+    slots: tuple[str, ...]
+    head_major: bool = False
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one `transformers` architecture lays out its attention.
+
+    layers(model)  -> the self-attention modules, in depth order
+    heads(attn)    -> (query heads, key/value heads, head size)
+    """
+
+    layers: Callable[[nn.Module], list[nn.Module]]
+    heads: Callable[[nn.Module], tuple[int, int, int]]
+    projections: tuple[Projection, ...]
+
+
+GPT2 = Family(
+    layers=lambda m: [block.attn for block in m.base_model.h],
+    heads=lambda a: (a.num_heads, a.num_heads, a.head_dim),
+    projections=(Projection("c_attn", ("q", "k", "v")),),
+)
+LLAMA = Family(  # also Mistral and Qwen2: separate q/k/v projections, grouped-query attention
+    layers=lambda m: [layer.self_attn for layer in m.base_model.layers],
+    heads=lambda a: (a.config.num_attention_heads, a.config.num_key_value_heads, a.head_dim),
+    projections=(Projection("q_proj", ("q",)), Projection("k_proj", ("k",)), Projection("v_proj", ("v",))),
+)
+GPT_NEOX = Family(  # query_key_value outputs (heads, q|k|v, head_size): the per-head interleaved layout
+    layers=lambda m: [layer.attention for layer in m.base_model.layers],
+    heads=lambda a: (a.config.num_attention_heads, a.config.num_attention_heads, a.head_size),
+    projections=(Projection("query_key_value", ("q", "k", "v"), head_major=True),),
+)
+
+FAMILIES = {
+    "GPT2LMHeadModel": GPT2,
+    "LlamaForCausalLM": LLAMA,
+    "MistralForCausalLM": LLAMA,
+    "Qwen2ForCausalLM": LLAMA,
+    "GPTNeoXForCausalLM": GPT_NEOX,
+}
+
+
+# ------------------------------------------------------------------------------------ temperatures
+
+
+class HFTemperatures(nn.Module):
+    """The SSA parameters of one converted attention module, and the hooks that apply them.
+
+    beta     (g_q,)          position coefficient c = position_coefficient(beta), tau_pos(n) = 1 + c log n
+    u_{q,k,v} (g, head_dim)  shared gates: f = u_h . (head's own projected vector)
+    gate_{q,k,v}  Linear(hidden, g)  linear gates: f = w_h . x + b_h
+    g is the number of heads of that vector (query heads for q, KV heads for k and v), or 1 when not
+    `per_head`. Every gate starts at zero, so tau = tau_pos for queries and 1 for keys and values.
+    """
+
+    def __init__(self, cfg: SSAConfig, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.heads = {"q": n_heads, "k": n_kv_heads, "v": n_kv_heads}
+        groups = {n: (h if cfg.per_head else 1) for n, h in self.heads.items()}
+        if cfg.query_position != "none":
+            self.beta = nn.Parameter(torch.full((groups["q"],), cfg.beta_init))
+        for n, field in _GATE_FIELD.items():
+            kind = getattr(cfg, field)
+            if kind == "linear":
+                gate = nn.Linear(hidden, groups[n])
+                nn.init.zeros_(gate.weight)
+                nn.init.zeros_(gate.bias)
+                self.add_module(f"gate_{n}", gate)
+            elif kind == "shared":
+                self.register_parameter(f"u_{n}", nn.Parameter(torch.zeros(groups[n], head_dim)))
+        self.scaled = {n for n in self.heads if self._scales(n)}
+        self._position_ids: torch.Tensor | None = None  # of the attention call in progress
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _scales(self, name: str) -> bool:
+        return getattr(self.cfg, _GATE_FIELD[name]) != "none" or (name == "q" and self.cfg.query_position != "none")
+
+    # ---------------------------------------------------------------------------------- the hooks
+
+    def attach(self, attn: nn.Module, projections: tuple[Projection, ...]) -> None:
+        """Hook this module's temperatures into `attn` (whose attribute `temps` it becomes)."""
+        if self.cfg.query_position != "none":
+            self._hooks.append(attn.register_forward_pre_hook(self._read_positions, with_kwargs=True))
+        for proj in projections:
+            if self.scaled.intersection(proj.slots):
+                self._hooks.append(getattr(attn, proj.attr).register_forward_hook(partial(self._scale, proj)))
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _read_positions(self, attn: nn.Module, args: tuple, kwargs: dict) -> None:
+        # every call overwrites it, so a call without position_ids never sees the positions of an earlier one
+        self._position_ids = kwargs.get("position_ids")
+
+    def _scale(self, proj: Projection, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """Forward hook of a projection: its output (B, T, width) with every q/k/v head multiplied by tau."""
+        x = args[0]  # (B, T, hidden): what the projection read
+        B, T, _ = out.shape
+        S, h = len(proj.slots), self.heads[proj.slots[0]]  # a fused projection has equally many heads per slot
+        if S == 1:
+            y = out.view(B, T, h, -1)  # (B, T, h, hd)
+            return (y * self.inverse_temperature(proj.slots[0], x, y).unsqueeze(-1)).view(B, T, -1)
+        if proj.head_major:
+            y, slot_dim = out.view(B, T, h, S, -1), 3  # (B, T, h, S, hd)
+        else:
+            y, slot_dim = out.view(B, T, S, h, -1), 2  # (B, T, S, h, hd)
+        # one multiply of the fused output; its unscaled slots (usually k) get tau = 1
+        one = out.new_ones(())
+        tau = torch.stack([(self.inverse_temperature(n, x, y.select(slot_dim, i)) if n in self.scaled else one)
+                           .expand(B, T, h) for i, n in enumerate(proj.slots)], dim=slot_dim)  # (B, T, S|h, h|S)
+        return (y * tau.unsqueeze(-1)).view(B, T, -1)
+
+    # --------------------------------------------------------------------------------- the formulas
+
+    def inverse_temperature(self, name: str, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """tau of slot `name` (q, k or v) for every token and head, (B|1, T, h|1), in `own`'s dtype.
+
+        tau_q = tau_pos(n) + a tanh(f_q),  tau_k = 1 + a tanh(f_k),  tau_v = 1 + a tanh(f_v)
+        x: (B, T, hidden) the projection's input; own: (B, T, h, hd) the slot's heads, before rotary.
+        Written in few, out-of-place tensor ops: in decoding (T = 1) each op costs more than its arithmetic.
+        """
+        kind = getattr(self.cfg, _GATE_FIELD[name])
+        if kind == "linear":
+            f = getattr(self, f"gate_{name}")(x)  # (B, T, g)
+        elif kind == "shared":
+            f = (own * getattr(self, f"u_{name}")).sum(-1)  # u (g, hd) broadcasts over the h heads: (B, T, h)
+        if name == "q" and self.cfg.query_position != "none":
+            tau_pos = self.position(own.shape[1]).to(own.dtype)  # (B|1, T, g)
+            return tau_pos if kind == "none" else torch.add(tau_pos, torch.tanh(f), alpha=self.cfg.token_scale)
+        return torch.tanh(f) * self.cfg.token_scale + 1.0  # only scaled slots get here: the gate is on
+
+    def position(self, T: int) -> torch.Tensor:
+        """tau_pos = 1 + c log(n) of the T tokens of this call as (B|1, T, g), float32; n = position_id + 1."""
+        pos = self._position_ids
+        if pos is None:
+            raise RuntimeError(
+                "ssa_tune.hf: the attention module was called without position_ids; the query position "
+                f"temperature needs them (transformers {TRANSFORMERS_RANGE} passes them to every attention module)")
+        # padding may carry any position id: clamping at 0 keeps its (unused) temperature finite
+        log_n = pos.reshape(-1, T, 1).clamp_min(0).to(torch.float32).log1p()  # (B|1, T, 1)
+        c = position_coefficient(self.beta, self.cfg.query_position).float()  # (g,)
+        return (log_n * c).add_(1.0)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads['q']}, kv_heads={self.heads['k']}, scaled={''.join(sorted(self.scaled))}"
+
+
+# --------------------------------------------------------------------------------------- adapters
+
+
+def _convert_layer(family: Family, model: nn.Module, i: int, cfg: SSAConfig) -> None:
+    attn = family.layers(model)[i]
+    old = getattr(attn, "temps", None)
+    if isinstance(old, HFTemperatures):  # converting again replaces the earlier conversion
+        old.detach()
+    n_heads, n_kv_heads, head_dim = family.heads(attn)
+    w = getattr(attn, family.projections[0].attr).weight
+    temps = HFTemperatures(cfg, model.config.hidden_size, n_heads, n_kv_heads, head_dim)
+    attn.temps = temps.to(device=w.device, dtype=w.dtype)
+    temps.attach(attn, family.projections)
+
+
+def register_hf_adapters() -> None:
+    """Register the `transformers` model classes of FAMILIES with `ssa_tune.convert` (imports transformers)."""
+    import transformers
+
+    for class_name, family in FAMILIES.items():
+        register_adapter(getattr(transformers, class_name),
+                         Adapter(layers=family.layers, convert=partial(_convert_layer, family)))
+
+
+register_hf_adapters()
+
+
+# ------------------------------------------------------------------------------------ save and load
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, **hf_kwargs: Any) -> Path:
+    """Write a converted model as a Hugging Face folder plus its SSA config and SSA weights beside it.
+
+    The Hugging Face files hold the base weights only, so plain `AutoModelForCausalLM.from_pretrained`
+    loads the unconverted model from the same folder; `from_pretrained` below restores the converted one.
+    `hf_kwargs` go to `model.save_pretrained` (e.g. max_shard_size).
+    """
+    from safetensors.torch import save_file
+
+    cfg = getattr(model, "ssa", None)
+    if not isinstance(cfg, SSAConfig):
+        raise ValueError("save_pretrained: the model is not converted (convert it with ssa_tune.convert first)")
+    directory = Path(directory)
+    state = model.state_dict()
+    base = {k: v for k, v in state.items() if not is_temperature(k)}
+    ssa = {k: v.detach().contiguous() for k, v in state.items() if is_temperature(k)}
+    model.save_pretrained(directory, state_dict=base, **hf_kwargs)
+    save_config(cfg, directory / SSA_CONFIG)
+    save_file(ssa, str(directory / SSA_WEIGHTS), metadata={"format": "pt"})
+    return directory
+
+
+def from_pretrained(directory: str | Path, **hf_kwargs: Any) -> nn.Module:
+    """Load a folder written by `save_pretrained`: the Hugging Face model, converted, with its SSA weights.
+
+    `hf_kwargs` go to `AutoModelForCausalLM.from_pretrained` (dtype, attn_implementation, device_map, ...).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    for name in (SSA_CONFIG, SSA_WEIGHTS):
+        if not (directory / name).is_file():
+            raise ValueError(f"{directory / name}: missing (not a folder written by ssa_tune.hf.save_pretrained)")
+    cfg = load_config(directory / SSA_CONFIG)
+    model = convert(AutoModelForCausalLM.from_pretrained(directory, **hf_kwargs), cfg)
+    weights = load_file(str(directory / SSA_WEIGHTS))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if is_temperature(k)]
+    if missing or unexpected:
+        raise ValueError(f"{directory / SSA_WEIGHTS}: does not match {SSA_CONFIG} "
+                         f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    return model
