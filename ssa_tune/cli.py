@@ -135,7 +135,18 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
     from .robustness import ATTR_ROBUSTNESS, run_robustness
     from .tune import in_ray_job
 
+    import signal
+
+    def terminate(signum, frame):  # `ssa-tune jobs stop`, `kill`: stop like Ctrl-C, closing the running trials
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
     say = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
+    json_out = None
+    if as_json:  # stdout is the one JSON object: whatever Ray prints goes to stderr with our progress lines
+        sys.stdout.flush()
+        json_out = os.dup(1)
+        os.dup2(2, 1)
     summary = run_study(s, target, resume=resume, n_trials=trials, address=address, out=say)
     robust = None
     if s.robustness is not None and summary["best"] is not None:
@@ -150,7 +161,8 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
         summary["winner"] = rep.get("winner")
         robust = loaded.user_attrs.get(ATTR_ROBUSTNESS)
     if as_json:
-        _print_json(summary)
+        sys.stdout.flush()
+        os.write(json_out, (json.dumps(summary, indent=2, default=_json_default) + "\n").encode())
         return
     c = summary["trials"]
     typer.echo(f"\nstudy {summary['study']}: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed")

@@ -222,7 +222,11 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
         out(f"study {study_name}: {st.budget_used(study)}/{budget} trials done ({arms}); storage "
             f"{st.redact(target.storage)}; tracking {st.redact(target.tracking)}")
         trials_before = len(study.trials)
-        tune.fit(spec, study, target.storage, target.workdir, mirror, driver, budgets, spec.time_limit_s, out)
+        try:
+            tune.fit(spec, study, target.storage, target.workdir, mirror, driver, budgets, spec.time_limit_s, out)
+        except (KeyboardInterrupt, SystemExit):
+            _stop_own_trials(study, driver, mirror, "stopped: the driver was interrupted (SIGINT/SIGTERM)")
+            raise
         summary = status(study, target)
         summary["new_trials"] = len(study.trials) - trials_before
         metrics: dict[str, float] = {f"trials_{k}": v for k, v in summary["trials"].items()}
@@ -243,6 +247,17 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
             f"{', '.join(sorted(left))}; `ssa-tune sync {study_name}` re-sends them")
     summary["mlflow_pending"] = sorted(left)
     return summary
+
+
+def _stop_own_trials(study, driver: str, mirror: Mirror, reason: str) -> None:
+    """An interrupted driver closes its own running trials (FAIL, MLflow KILLED); `resume` re-runs them once."""
+    from optuna.trial import TrialState
+
+    mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.user_attrs.get(st.T_DRIVER) == driver]
+    for t in st.fail_trials(study, mine, reason):
+        st.enqueue_retries(study, [t])
+        mirror.finish(f"trial-{t.number}", "FAIL", reason, status="KILLED")
 
 
 # ---------------------------------------------------------------------------------------------- reading

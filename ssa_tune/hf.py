@@ -8,7 +8,8 @@ No attention code is copied. Every SSA temperature is one number per (token, hea
 the model *projects* q, k and v: a forward hook on the projection multiplies each head's vector by its inverse
 temperature. Everything after that is the model's own code, which is why the conversion is exact:
 
-- whatever attention kernel the model was loaded with (eager, sdpa, flash, flex) still runs;
+- whatever attention kernel the model was loaded with still runs (the tests run eager and sdpa; flash and
+  flex attention are handed the same already-scaled q, k, v);
 - rotary embeddings rotate a vector, which commutes with scaling it (also GPT-NeoX's partial rotary), and the
   1/sqrt(d) of the kernel multiplies (tau_q q) . k just as it multiplies q . k, so the logits of row i are
   tau_q(i) times the original ones: the formulas of design §3, the same as `ssa_tune.attention`;
@@ -30,6 +31,9 @@ what GQA avoids. The query temperature stays per query head.
 All new parameters live in a submodule `temps` of each converted attention module, so
 `ssa_tune.optim.parameter_groups` gives them their own learning rate, and `save_pretrained` can write the
 base weights and the SSA weights apart (a plain `AutoModelForCausalLM.from_pretrained` reads the folder).
+The hooks hold no state but the positions of the call in progress, and `copy.deepcopy` of a converted model
+re-binds them to the copy. Wrap projections (LoRA and the like) *before* converting: the hook belongs on the
+module whose output the attention reads.
 """
 
 from __future__ import annotations

