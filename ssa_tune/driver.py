@@ -33,7 +33,12 @@ class Target:
 
 def resolve_target(spec_storage: str | None, spec_tracking: str | None, workdir: str | None, storage: str | None,
                    tracking: str | None, study: str | None) -> Target:
-    wd = Path(workdir or os.environ.get("SSA_TUNE_HOME") or ".ssa_tune").expanduser().resolve()
+    workdir = workdir or os.environ.get("SSA_TUNE_HOME")
+    if workdir is None and tune.in_ray_job():  # not inside the job's working dir, which Ray owns
+        import tempfile
+
+        workdir = tempfile.mkdtemp(prefix="ssa-tune-job-")
+    wd = Path(workdir or ".ssa_tune").expanduser().resolve()
     return Target(workdir=wd, storage=storage or spec_storage or st.default_storage(wd),
                   tracking=tracking or spec_tracking or default_tracking(wd), study=study or "")
 
@@ -52,65 +57,56 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- the MLflow mirror
 
 
-def open_mirror(study, target: Target, tracker: Tracker | None = None) -> Mirror:
-    """The study's MLflow mirror: run ids and undelivered writes are kept in the Optuna study."""
-    tracker = tracker or Tracker(target.tracking, study.study_name, target.workdir / "mlartifacts")
-    storage = study._storage
+def run_ids(study) -> dict[str, str]:
+    """Every MLflow run of the study by key ("trial-3", "robust-...", "study")."""
     runs: dict[str, str] = {}
+    for k, v in study.user_attrs.items():
+        if k.startswith(st.ATTR_MLFLOW_RUN) and v:
+            runs[k[len(st.ATTR_MLFLOW_RUN):]] = v
     for t in study.get_trials(deepcopy=False):
         if st.T_RUN in t.user_attrs:
             runs[f"trial-{t.number}"] = t.user_attrs[st.T_RUN]
-    prefix = "ssa_tune.mlflow_run."
-    for k, v in study.user_attrs.items():
-        if k.startswith(prefix) and v:
-            runs[k[len(prefix):]] = v
+    parent = study.user_attrs.get(st.ATTR_PARENT_RUN)
+    if parent:
+        runs["study"] = parent
+    return runs
 
-    def trial_id(key: str) -> int | None:
-        if key.startswith("trial-") and key[6:].isdigit():
-            return storage.get_trial_id_from_study_id_trial_number(study._study_id, int(key[6:]))
-        return None
+
+def open_mirror(study, target: Target, tracker: Tracker | None = None) -> Mirror:
+    """The study's MLflow mirror: run ids and undelivered writes are kept in the Optuna study. (A finished
+    trial's own attributes are frozen, so what arrives after the trial ended is kept at study level.)"""
+    import optuna
+
+    tracker = tracker or Tracker(target.tracking, study.study_name, target.workdir / "mlartifacts")
+    storage = study._storage
 
     def created(key: str, run_id: str) -> None:
-        tid = trial_id(key)
-        if tid is not None:
-            storage.set_trial_user_attr(tid, st.T_RUN, run_id)
-        else:
-            study.set_user_attr(prefix + key, run_id)
+        if key.startswith("trial-") and key[6:].isdigit():
+            tid = storage.get_trial_id_from_study_id_trial_number(study._study_id, int(key[6:]))
+            try:
+                storage.set_trial_user_attr(tid, st.T_RUN, run_id)
+                return
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+        study.set_user_attr(st.ATTR_MLFLOW_RUN + key, run_id)
 
     def undelivered(key: str, ops: list[dict]) -> None:
-        tid = trial_id(key)
-        if tid is not None:
-            before = storage.get_trial(tid).user_attrs.get(st.T_MLFLOW_PENDING) or []
-            storage.set_trial_user_attr(tid, st.T_MLFLOW_PENDING, before + ops)
-        else:
-            before = study.user_attrs.get(f"{st.ATTR_MLFLOW_PENDING}.{key}") or []
-            study.set_user_attr(f"{st.ATTR_MLFLOW_PENDING}.{key}", before + ops)
+        before = study.user_attrs.get(f"{st.ATTR_MLFLOW_PENDING}.{key}") or []
+        study.set_user_attr(f"{st.ATTR_MLFLOW_PENDING}.{key}", before + ops)
 
-    parent = study.user_attrs.get(st.ATTR_PARENT_RUN)
-    return Mirror(tracker, parent, study.study_name, on_created=created, on_undelivered=undelivered, runs=runs)
+    return Mirror(tracker, study.user_attrs.get(st.ATTR_PARENT_RUN), study.study_name, on_created=created,
+                  on_undelivered=undelivered, runs=run_ids(study))
 
 
 def pending_mirror(study) -> dict[str, list[dict]]:
     """MLflow writes a driver could not deliver (the tracking server was away when it ended), by run key."""
-    out: dict[str, list[dict]] = {}
-    for t in study.get_trials(deepcopy=False):
-        ops = t.user_attrs.get(st.T_MLFLOW_PENDING)
-        if ops:
-            out[f"trial-{t.number}"] = ops
-    for k, v in study.user_attrs.items():
-        if k.startswith(st.ATTR_MLFLOW_PENDING + ".") and v:
-            out[k[len(st.ATTR_MLFLOW_PENDING) + 1:]] = v
-    return out
+    prefix = st.ATTR_MLFLOW_PENDING + "."
+    return {k[len(prefix):]: v for k, v in study.user_attrs.items() if k.startswith(prefix) and v}
 
 
 def _clear_pending(study, keys) -> None:
-    storage = study._storage
     for key in keys:
-        if key.startswith("trial-") and key[6:].isdigit():
-            tid = storage.get_trial_id_from_study_id_trial_number(study._study_id, int(key[6:]))
-            storage.set_trial_user_attr(tid, st.T_MLFLOW_PENDING, [])
-        else:
-            study.set_user_attr(f"{st.ATTR_MLFLOW_PENDING}.{key}", [])
+        study.set_user_attr(f"{st.ATTR_MLFLOW_PENDING}.{key}", [])
 
 
 def replay_pending(study, mirror: Mirror) -> int:
@@ -170,6 +166,9 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
     # everything that can be wrong is checked before anything is written
     st.check_storage(target.storage)
     check_tracking(target.tracking)
+    if tune.in_ray_job():  # work from a folder of our own: Ray may unpack the job's folder anew meanwhile
+        target.workdir.mkdir(parents=True, exist_ok=True)
+        os.chdir(target.workdir)
     tune.init_ray(address)
     tune.check_resources(spec)
     target.workdir.mkdir(parents=True, exist_ok=True)
@@ -236,9 +235,11 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
         best = summary["best"]
         if best and isinstance(best["value"], (int, float)):
             metrics["best_value"] = best["value"]
-        tracker.log_study(parent, metrics=metrics, tags={"ssa_tune.best_trial": best["number"]} if best else None)
+        mirror.metrics("study", metrics, None)
+        if best:
+            mirror.tags("study", {"ssa_tune.best_trial": best["number"]})
         if not set(st.live_drivers(study)) - {driver}:  # the last driver out closes the study's run
-            tracker.client.set_terminated(parent, "FINISHED")
+            mirror.end("study", "FINISHED")
     finally:
         heartbeat.stop()
         left = mirror.close(timeout=60.0)

@@ -54,7 +54,7 @@ def export_best(study, target, path: Path) -> tuple[Path, dict[str, Any]]:
     dataset, model, train, ssa = spec.trial_config(w["params"])
     kind = "ssa" if ssa is not None else "baseline"
     t = w["trial"]
-    run_id = t.user_attrs.get(st.T_RUN) if t is not None else None
+    run_id = st.run_id(study, t) if t is not None else None
     metrics = _metrics(target, run_id)
     objective = spec.objectives[0]
     info = {"name": study.study_name, "trial": None if t is None else t.number, "config": w["id"],

@@ -38,6 +38,7 @@ module whose output the attention reads.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -118,6 +119,31 @@ FAMILIES = {
 # ------------------------------------------------------------------------------------ temperatures
 
 
+class _LogPositions:
+    """log(position_id + 1) as (B|1, T, 1) float32, computed once per forward for all layers, which are all
+    handed the same `position_ids` tensor.
+
+    Why bother: decoding on a CPU streams the weights between two layers, so every small tensor op runs with
+    cold caches (some 10 us each, measured), and the four ops of this log, per layer, cost as much as a gate.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None  # (weakref to position_ids, its version, log n), replaced whole
+
+    def __call__(self, pos: torch.Tensor, T: int) -> torch.Tensor:
+        entry = self._entry
+        version = None if pos.is_inference() else pos._version  # inference tensors keep no version
+        if entry is not None and entry[0]() is pos and version is not None and entry[1] == version:
+            return entry[2]
+        # padding may carry any position id: clamping at 0 keeps its (unused) temperature finite
+        log_n = pos.reshape(-1, T, 1).clamp_min(0).to(torch.float32).log1p()
+        self._entry = (weakref.ref(pos), version, log_n)
+        return log_n
+
+
+_log_positions = _LogPositions()
+
+
 class HFTemperatures(nn.Module):
     """The SSA parameters of one converted attention module, and the hooks that apply them.
 
@@ -144,12 +170,12 @@ class HFTemperatures(nn.Module):
                 self.add_module(f"gate_{n}", gate)
             elif kind == "shared":
                 self.register_parameter(f"u_{n}", nn.Parameter(torch.zeros(groups[n], head_dim)))
-        self.scaled = {n for n in self.heads if self._scales(n)}
+        self.scaled = {n for n, field in _GATE_FIELD.items() if getattr(cfg, field) != "none"}  # q, k, v: tau != 1
+        if cfg.query_position != "none":
+            self.scaled.add("q")
         self._position_ids: torch.Tensor | None = None  # of the attention call in progress
+        self._coefficient: tuple | None = None  # (beta's storage and version, c) while autograd is off
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-
-    def _scales(self, name: str) -> bool:
-        return getattr(self.cfg, _GATE_FIELD[name]) != "none" or (name == "q" and self.cfg.query_position != "none")
 
     # ---------------------------------------------------------------------------------- the hooks
 
@@ -178,15 +204,12 @@ class HFTemperatures(nn.Module):
         if S == 1:
             y = out.view(B, T, h, -1)  # (B, T, h, hd)
             return (y * self.inverse_temperature(proj.slots[0], x, y).unsqueeze(-1)).view(B, T, -1)
-        if proj.head_major:
-            y, slot_dim = out.view(B, T, h, S, -1), 3  # (B, T, h, S, hd)
-        else:
-            y, slot_dim = out.view(B, T, S, h, -1), 2  # (B, T, S, h, hd)
-        # one multiply of the fused output; its unscaled slots (usually k) get tau = 1
-        one = out.new_ones(())
-        tau = torch.stack([(self.inverse_temperature(n, x, y.select(slot_dim, i)) if n in self.scaled else one)
-                           .expand(B, T, h) for i, n in enumerate(proj.slots)], dim=slot_dim)  # (B, T, S|h, h|S)
-        return (y * tau.unsqueeze(-1)).view(B, T, -1)
+        slot_dim = 3 if proj.head_major else 2
+        y = out.view(B, T, h, S, -1) if proj.head_major else out.view(B, T, S, h, -1)  # (B, T, h|S, S|h, hd)
+        slots = [y.select(slot_dim, i) for i in range(S)]  # each (B, T, h, hd)
+        slots = [own * self.inverse_temperature(n, x, own).unsqueeze(-1) if n in self.scaled else own
+                 for n, own in zip(proj.slots, slots)]
+        return torch.stack(slots, dim=slot_dim).view(B, T, -1)
 
     # --------------------------------------------------------------------------------- the formulas
 
@@ -214,10 +237,16 @@ class HFTemperatures(nn.Module):
             raise RuntimeError(
                 "ssa_tune.hf: the attention module was called without position_ids; the query position "
                 f"temperature needs them (transformers {TRANSFORMERS_RANGE} passes them to every attention module)")
-        # padding may carry any position id: clamping at 0 keeps its (unused) temperature finite
-        log_n = pos.reshape(-1, T, 1).clamp_min(0).to(torch.float32).log1p()  # (B|1, T, 1)
-        c = position_coefficient(self.beta, self.cfg.query_position).float()  # (g,)
-        return (log_n * c).add_(1.0)
+        return _log_positions(pos, T) * self.coefficient() + 1.0
+
+    def coefficient(self) -> torch.Tensor:
+        """c (g,) in float32. Without autograd (evaluation, decoding) it is kept until beta changes."""
+        if torch.is_grad_enabled():
+            return position_coefficient(self.beta, self.cfg.query_position).float()
+        key = (self.beta.data_ptr(), self.beta._version)  # moved or updated in place: a new key
+        if self._coefficient is None or self._coefficient[0] != key:
+            self._coefficient = (key, position_coefficient(self.beta, self.cfg.query_position).float())
+        return self._coefficient[1]
 
     def extra_repr(self) -> str:
         return f"heads={self.heads['q']}, kv_heads={self.heads['k']}, scaled={''.join(sorted(self.scaled))}"

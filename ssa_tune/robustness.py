@@ -46,7 +46,13 @@ def _variant_spec(spec: JobSpec, dataset_override: dict | None) -> JobSpec:
 
 def _job(spec_json: str, spec_path: str, params: dict, cpus: float, gpus: float) -> dict:
     """One robustness run on a worker: its final metrics and every evaluation."""
-    spec = validate(json.loads(spec_json), spec_path, check_data=False)
+    import os
+
+    try:  # relative paths are data shipped with a Ray job, unpacked in this worker's working dir
+        base = os.getcwd()
+    except FileNotFoundError:
+        base = None
+    spec = validate(json.loads(spec_json), spec_path, check_data=False, base_dir=base)
     history: list[dict] = []
     try:
         result = execute(spec, params, cpus, gpus, report=history.append)

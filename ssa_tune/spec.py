@@ -140,13 +140,15 @@ class JobSpec:
         return raw
 
     def fixed_values(self) -> dict[str, Any]:
-        """Dotted key -> value for every fixed setting (what `when` conditions may also refer to)."""
+        """Dotted key -> value for every fixed setting, the configs' own defaults included (what `when`
+        conditions refer to, and where an arm's first trial starts)."""
         out: dict[str, Any] = {}
-        for section in ("dataset", "model", "train"):
-            for k, v in getattr(self, section).items():
+        defaults = {"model": GPTConfig().to_dict(), "train": TrainConfig().to_dict(),
+                    "ssa": SSAConfig().to_dict() if self.ssa is not None else {}}
+        for section in ("dataset", "model", "train", "ssa"):
+            values = {**defaults.get(section, {}), **(getattr(self, section) or {})}
+            for k, v in values.items():
                 out[f"{section}.{k}"] = v
-        for k, v in (self.ssa or {}).items():
-            out[f"ssa.{k}"] = v
         out[SSA_SWITCH] = self.ssa is not None
         return out
 

@@ -48,7 +48,8 @@ ATTR_PARENT_RUN = "ssa_tune.parent_run_id"
 ATTR_EXPERIMENT = "ssa_tune.experiment_id"
 ATTR_DRIVER_PREFIX = "ssa_tune.driver."  # + driver id -> {"host", "pid", "beat", "stopped"}
 ATTR_WAITING = "ssa_tune.waiting_for_resources"  # {"since", "pending", "asks"} while trials wait for a node
-ATTR_MLFLOW_PENDING = "ssa_tune.mlflow_pending"  # study-level mirror writes not yet delivered (parent, robustness)
+ATTR_MLFLOW_PENDING = "ssa_tune.mlflow_pending"  # + "." + run key -> MLflow writes not yet delivered
+ATTR_MLFLOW_RUN = "ssa_tune.mlflow_run."  # + run key -> its MLflow run id, where a trial attribute cannot hold it
 # trial user attributes
 T_ARM = "ssa_tune.arm"
 T_DRIVER = "ssa_tune.driver"
@@ -57,7 +58,6 @@ T_REASON = "ssa_tune.fail_reason"
 T_RETRY_OF = "ssa_tune.retry_of"
 T_PRUNED_AT = "ssa_tune.pruned_at_step"
 T_NODE = "ssa_tune.node"  # {"node_id", "ip", "hostname"} of the Ray node the trial ran on
-T_MLFLOW_PENDING = "ssa_tune.mlflow_pending"  # this trial's mirror writes not yet delivered to MLflow
 
 HEARTBEAT_S = 10.0  # a driver records that it is alive this often
 GRACE_S = 60.0  # a driver on another host silent this long is gone
@@ -137,7 +137,11 @@ def open_storage(url: str, create: bool = True) -> RetryingRDBStorage:
     elif url.startswith("postgresql"):
         kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     try:
-        return RetryingRDBStorage(url, engine_kwargs=kwargs, skip_compatibility_check=False)
+        # two processes opening a new database at once would both create its tables
+        with study_lock(url, "__schema__"):
+            return RetryingRDBStorage(url, engine_kwargs=kwargs, skip_compatibility_check=False)
+    except UserError:
+        raise
     except Exception as e:  # OperationalError, ArgumentError, RuntimeError (schema), ModuleNotFoundError (driver)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "compatible" in first or "schema" in first.lower():
@@ -445,6 +449,11 @@ def best_trial(study: optuna.Study, arm: str | None = None):
         sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
         return min(done, key=lambda t: (sign * t.values[0], t.number))
     return study.best_trials[0] if study.best_trials else None
+
+
+def run_id(study: optuna.Study, trial) -> str | None:
+    """The MLflow run of a trial (recorded on the trial, or on the study when it came after the trial ended)."""
+    return trial.user_attrs.get(T_RUN) or study.user_attrs.get(f"{ATTR_MLFLOW_RUN}trial-{trial.number}")
 
 
 # ---------------------------------------------------------------------------------------------- drivers

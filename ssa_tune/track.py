@@ -269,6 +269,10 @@ class Mirror:
         self._put({"op": "finish", "key": key, "state": state, "reason": reason, "pruned_at": pruned_at,
                    "status": status})
 
+    def end(self, key: str, status: str = "FINISHED") -> None:
+        """Close a run without the trial tags (the study's parent run)."""
+        self._put({"op": "end", "key": key, "status": status})
+
     def replay(self, ops: list[dict]) -> None:
         for op in ops:
             self._put(dict(op))
@@ -359,3 +363,5 @@ class Mirror:
             t.set_tags(run_id, op["tags"])
         elif kind == "finish":
             t.finish(run_id, op["state"], op.get("reason"), op.get("pruned_at"), op.get("status"))
+        elif kind == "end":
+            t.client.set_terminated(run_id, op["status"])

@@ -61,6 +61,19 @@ def in_ray_job() -> bool:
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
+# The job's working dir as the entrypoint found it. Ray may unpack that folder again under the same path
+# while the job runs (when several nodes share one disk), which leaves the process's cwd a deleted
+# directory: everything that needs the folder uses this path, never os.getcwd().
+_START_DIR = os.getcwd() if in_ray_job() else None
+
+
+def job_dir() -> str:
+    global _START_DIR
+    if _START_DIR is None:
+        _START_DIR = os.getcwd()
+    return _START_DIR
+
+
 def init_ray(address: str | None = None) -> None:
     """Connect to Ray: the cluster at `address` (or $RAY_ADDRESS, as inside a Ray job), else a new local one.
 
@@ -78,7 +91,6 @@ def init_ray(address: str | None = None) -> None:
     runtime_env: dict[str, Any] = {"worker_process_setup_hook": "workers.setup.setup"}
     kw: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": "ERROR",
                           "runtime_env": runtime_env}
-    cwd = os.getcwd()
     try:
         if address == "local":
             ray.init(address="local", include_dashboard=False, **kw)
@@ -88,8 +100,8 @@ def init_ray(address: str | None = None) -> None:
         raise UserError(f"cannot connect to Ray at {address}: {str(e).strip().splitlines()[0]}", field="address") from None
     try:
         os.getcwd()
-    except FileNotFoundError:  # inside a job Ray unpacks the working dir anew for the driver: step back into it
-        os.chdir(cwd)
+    except FileNotFoundError:  # inside a job Ray may unpack the working dir anew: step back into it
+        os.chdir(job_dir())
 
 
 def cluster_nodes() -> list[dict[str, Any]]:
@@ -244,7 +256,9 @@ def _searcher_class():
                 if not open_arms or self._failures >= self._max_failures:
                     return Searcher.FINISHED
                 free = [a for a in open_arms if taken[a] < self._budgets[a]]
-                if not free:  # the rest of the budget is running (here or under another driver)
+                if not free:  # the rest of the budget is running, here or under another driver
+                    if not set(self._ot) - self._done:
+                        return Searcher.FINISHED  # all of it elsewhere: those drivers finish it
                     self._quiet_until = now + 1.0
                     return None
                 arm = min(free, key=lambda a: (taken[a] / self._budgets[a], ARMS.index(a)))
@@ -327,6 +341,8 @@ def _searcher_class():
             if error:
                 reason, lost = _error_reason(self._tune_trials.get(trial_id))
                 state = "FAIL"
+            elif not result:
+                state, reason = "FAIL", "never started: the study stopped before a node took it"
             elif not values or any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
                 state = "FAIL"
                 missing = [m for m, v in zip(metrics, values or [None] * len(metrics)) if v is None]
@@ -354,6 +370,18 @@ def _searcher_class():
             self._mirror.finish(self._keys[trial_id], state, reason,
                                 int(result["step"]) if state == "PRUNED" else None)
             self._on_done(ot.number, state, values, reason, arm)
+
+        def close_unfinished(self, reason: str) -> None:
+            """Trials asked but never told (Ray stopped before they ran): FAIL with `reason`."""
+            for trial_id in list(set(self._ot) - self._done):
+                ot = self._ot[trial_id]
+                self._study._storage.set_trial_user_attr(ot._trial_id, st.T_REASON, reason)
+                try:
+                    self._study.tell(ot, state=TrialState.FAIL)
+                except Exception:  # noqa: BLE001 - another driver failed it already
+                    pass
+                self._done.add(trial_id)
+                self._mirror.finish(self._keys[trial_id], "FAIL", reason)
 
         def save(self, checkpoint_path: str) -> None:
             """Nothing to save: the study's storage is the state, and resume reads it from there."""
@@ -524,7 +552,7 @@ def portable_raw(spec: JobSpec) -> dict:
     node unpacks the job's working dir at its own place; `validate(base_dir=...)` resolves them there)."""
     from pathlib import Path
 
-    return spec.relative_raw(Path.cwd()) if in_ray_job() else spec.raw
+    return spec.relative_raw(Path(job_dir())) if in_ray_job() else spec.raw
 
 
 def fit(spec: JobSpec, study, storage_url: str, workdir, mirror, driver: str, budgets: dict[str, int],
@@ -572,7 +600,12 @@ def fit(spec: JobSpec, study, storage_url: str, workdir, mirror, driver: str, bu
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
         ),
     )
-    tuner.fit()
+    try:
+        tuner.fit()
+    finally:
+        if progress.waiting_since is not None:
+            study.set_user_attr(st.ATTR_WAITING, None)
+    search.close_unfinished(progress.gave_up or "never started: the study stopped before a node took it")
     if progress.gave_up:
         raise UserError(progress.gave_up, spec.path, "resources")
 

@@ -96,7 +96,8 @@ def temperature_names(model: nn.Module) -> list[str]:
 # ------------------------------------------------------------------------------------------ identity
 
 
-GATES = [("shared", "shared", "none", True), ("linear", "linear", "shared", False), ("shared", "linear", "linear", True)]
+GATES = [  # query gate, value gate, key gate, per_head
+    ("shared", "shared", "none", True), ("linear", "linear", "shared", False), ("shared", "linear", "linear", True)]
 
 
 @pytest.mark.parametrize("gates", GATES, ids=["-".join(map(str, g)) for g in GATES])
@@ -357,6 +358,25 @@ def test_converting_again_replaces_the_first_conversion_and_copies_stay_independ
         clone.model.layers[0].self_attn.temps.u_q.mul_(-3.0)
     assert not torch.allclose(clone(x).logits, once(x).logits, atol=1e-3)
     assert torch.equal(twice(x).logits, once(x).logits)
+
+
+def test_what_evaluation_keeps_between_calls_follows_in_place_changes():
+    """Without autograd, c = f(beta) is kept per layer and log(position + 1) per forward: an optimiser step on
+    beta, or position_ids changed in place, must still show in the next call."""
+    model = converted("llama", SSAConfig())
+    x = ids()
+    position_ids = torch.arange(12)[None]
+    with torch.no_grad():
+        before = model(x, position_ids=position_ids).logits
+        for name, p in model.named_parameters():
+            if name.endswith(".beta"):
+                p.sub_(1.0)  # larger c
+        after = model(x, position_ids=position_ids).logits
+        position_ids.add_(7)
+        shifted = model(x, position_ids=position_ids).logits
+        assert torch.equal(shifted, model(x, position_ids=position_ids.clone()).logits)
+    assert (after - before).abs().max() > 1e-2 and (shifted - after).abs().max() > 1e-2
+    assert torch.equal(model(x, position_ids=position_ids).logits, shifted)  # with autograd: computed afresh
 
 
 def test_an_attention_call_without_position_ids_is_an_error():
