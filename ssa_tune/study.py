@@ -123,6 +123,7 @@ def open_storage(url: str, create: bool = True) -> RetryingRDBStorage:
     write. A file that is not a study database, or one of another Optuna schema, is one clear UserError."""
     path = _sqlite_path(url)
     kwargs: dict[str, Any] = {}
+    new = path is None or not path.exists()  # a new database: its tables get created below
     if path is not None:
         if not create and not path.exists():
             raise UserError(f"no study database at {path}", field="storage")
@@ -138,7 +139,7 @@ def open_storage(url: str, create: bool = True) -> RetryingRDBStorage:
         kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     try:
         # two processes opening a new database at once would both create its tables
-        with study_lock(url, "__schema__"):
+        with study_lock(url, "__schema__") if new else contextlib.nullcontext():
             return RetryingRDBStorage(url, engine_kwargs=kwargs, skip_compatibility_check=False)
     except UserError:
         raise

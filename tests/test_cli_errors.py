@@ -167,3 +167,33 @@ def test_submit_to_a_bad_ray_address_is_one_line(write_spec):
     assert result.exit_code == 2, result.output
     assert result.output.strip().startswith("error: --address: cannot reach the Ray Jobs API at http://127.0.0.1:9")
     assert "\n" not in result.output.strip()
+
+
+def test_unreadable_or_incompatible_storage_files_are_one_line(tmp_path, write_spec):
+    """A corrupt optuna.db, one of another Optuna schema, a corrupt mlflow.db: one line, exit 2."""
+    import sqlite3
+
+    import optuna
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "optuna.db").write_text("this is not a database\n" * 20)
+    for args in (["status"], ["studies"], ["best", "x"]):
+        result = runner.invoke(app, [*args, "--workdir", str(wd)])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert result.output.strip() == f"error: storage: {wd / 'optuna.db'}: not a readable study database " \
+            "(file is not a database)"
+    assert sorted(p.name for p in wd.iterdir()) == ["optuna.db"]  # nothing written beside it
+    (wd / "optuna.db").unlink()
+    optuna.create_study(study_name="x", storage=f"sqlite:///{wd / 'optuna.db'}")
+    with sqlite3.connect(wd / "optuna.db") as con:
+        con.execute("UPDATE alembic_version SET version_num = 'v99.0.0.a'")
+    result = runner.invoke(app, ["status", "--workdir", str(wd)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert result.output.startswith(f"error: storage: sqlite:///{wd / 'optuna.db'}: written by another Optuna version")
+    (wd / "optuna.db").unlink()
+    (wd / "mlflow.db").write_text("junk")
+    spec = write_spec()
+    result = runner.invoke(app, ["run", str(spec), "--workdir", str(wd)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith(f"error: tracking: {wd / 'mlflow.db'}: not a readable MLflow database")

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 
@@ -443,3 +445,13 @@ def test_from_pretrained_rejects_a_plain_hugging_face_folder(tmp_path):
         hf.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not converted"):
         hf.save_pretrained(tiny("gpt2"), tmp_path / "x")
+
+
+def test_the_conversion_benchmark_runs_in_quick_mode(tmp_path):
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "hf_convert.py"))
+    result = bench["main"](["--quick", "--rounds", "1", "--out", str(tmp_path / "hf_convert.json")])
+    assert json.loads((tmp_path / "hf_convert.json").read_text()) == result
+    assert [r["model"] for r in result["rows"]][:2] == ["gpt2-tiny", "llama-tiny"]
+    for row in result["rows"]:
+        for key in ("ratio_fwd_bwd", "ratio_decode", "cpu_ratio_decode"):
+            assert set(row[key]) == {"ssa_shared", "position_only"} and all(v > 0 for v in row[key].values())
