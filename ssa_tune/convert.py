@@ -6,12 +6,14 @@ is converted, so Hugging Face GPT-2 / Llama / GPT-NeoX adapters can be added wit
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Callable
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Callable
 
 from .config import SSAConfig
+
+if TYPE_CHECKING:  # the registry itself needs no torch: the package imports it eagerly
+    import torch.nn as nn
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ def adapter_for(model: nn.Module) -> Adapter:
     for cls in type(model).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
+    if type(model).__module__.startswith("transformers.") and "ssa_tune.hf" not in sys.modules:
+        from . import hf  # noqa: F401  registers the Hugging Face adapters (needs the `hf` extra)
+
+        return adapter_for(model)
     supported = ", ".join(sorted(c.__name__ for c in _ADAPTERS))
     raise TypeError(f"convert: no SSA adapter for {type(model).__qualname__} (supported: {supported})")
 

@@ -174,7 +174,7 @@ class HFTemperatures(nn.Module):
         if cfg.query_position != "none":
             self.scaled.add("q")
         self._position_ids: torch.Tensor | None = None  # of the attention call in progress
-        self._coefficient: tuple | None = None  # (beta's storage and version, c) while autograd is off
+        self._coefficient: tuple | None = None  # (beta, its storage and version, c) while autograd is off
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     # ---------------------------------------------------------------------------------- the hooks
@@ -243,10 +243,12 @@ class HFTemperatures(nn.Module):
         """c (g,) in float32. Without autograd (evaluation, decoding) it is kept until beta changes."""
         if torch.is_grad_enabled():
             return position_coefficient(self.beta, self.cfg.query_position).float()
-        key = (self.beta.data_ptr(), self.beta._version)  # moved or updated in place: a new key
-        if self._coefficient is None or self._coefficient[0] != key:
-            self._coefficient = (key, position_coefficient(self.beta, self.cfg.query_position).float())
-        return self._coefficient[1]
+        beta = self.beta
+        kept = self._coefficient
+        key = (beta.data_ptr(), beta._version)  # moved, or updated in place (optimiser, load_state_dict)
+        if kept is None or kept[0] is not beta or kept[1] != key:  # kept[0]: a replaced beta is another object
+            kept = self._coefficient = (beta, key, position_coefficient(beta, self.cfg.query_position).float())
+        return kept[2]
 
     def extra_repr(self) -> str:
         return f"heads={self.heads['q']}, kv_heads={self.heads['k']}, scaled={''.join(sorted(self.scaled))}"

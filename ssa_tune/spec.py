@@ -397,7 +397,7 @@ def _unknown(d: dict, known: set, file: str, section: str) -> None:
 
 
 def _check_dataset(dataset: dict, file: str, check_data: bool, base_dir: Path) -> None:
-    from .data import DATASET_KINDS, KIND_PARAMS, DataError, build_dataset
+    from .data import DATASET_KINDS, KIND_PARAMS, DataError, check_dataset
 
     kind = dataset.get("kind")
     if kind not in DATASET_KINDS:
@@ -412,7 +412,7 @@ def _check_dataset(dataset: dict, file: str, check_data: bool, base_dir: Path) -
         dataset["path"] = str(p)
     if check_data:
         try:
-            build_dataset(dataset, seed=0)
+            check_dataset(dataset)
         except DataError as e:  # its message is "dataset.FIELD: reason"
             head, _, rest = str(e).partition(": ")
             raise _err(file, head, rest) from None

@@ -384,6 +384,32 @@ def ask_arm(study: optuna.Study, spec: JobSpec, arm: str, driver: str) -> optuna
     return optuna.trial.Trial(study, trial_id)
 
 
+FINISHED = "finished"
+
+
+def next_arm(study: optuna.Study, budgets: dict[str, int]) -> str | None:
+    """Which arm the next trial belongs to: the arm furthest behind its share among those with a free slot
+    (COMPLETE, PRUNED and RUNNING trials take slots, whoever runs them); None when the free slots are all
+    running; FINISHED when every arm has used its budget. Call under `study_lock`."""
+    used = dict.fromkeys(budgets, 0)
+    taken = dict.fromkeys(budgets, 0)
+    for t in study.get_trials(deepcopy=False):
+        arm = arm_of(t)
+        if arm not in used:
+            continue
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            used[arm] += 1
+            taken[arm] += 1
+        elif t.state == TrialState.RUNNING:
+            taken[arm] += 1
+    if all(used[a] >= budgets[a] for a in budgets):
+        return FINISHED
+    free = [a for a in budgets if taken[a] < budgets[a]]
+    if not free:
+        return None
+    return min(free, key=lambda a: (taken[a] / budgets[a], ARMS.index(a)))
+
+
 def enqueue(study: optuna.Study, spec: JobSpec, arm: str, params: dict[str, Any], user_attrs: dict | None = None) -> None:
     """Queue a trial with fixed params for `arm` (its default configuration, or a retry)."""
     fixed = {**params, SSA_SWITCH: arm == "ssa"} if len(spec.arms) > 1 else dict(params)

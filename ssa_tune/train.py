@@ -16,6 +16,7 @@ import torch
 
 from .config import GPTConfig, SSAConfig, TrainConfig
 from .errors import TrialFailed
+from .attention import KVCache
 from .model import GPT
 from .optim import parameter_groups
 from .stats import attention_stats, flat_stats
@@ -49,10 +50,54 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux: process peak RSS
+class PeakMemory:
+    """The peak memory of one trial, in MiB, as `peak_mem_mb` reports it.
+
+    CUDA: `max_memory_allocated` since the trial started (the counter is reset then), minus what was allocated
+    at that moment. CPU: the highest resident size the process reached since the trial started (Linux's
+    VmHWM, reset through /proc/self/clear_refs) minus the resident size then, after returning freed heap
+    memory to the system: what this trial added at its peak (weights, optimizer state, activations), not the
+    worker process's lifetime peak (a Ray worker runs many trials). Where the kernel cannot reset the
+    high-water mark, the process's lifetime peak is reported and `scope` says so.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.scope = "trial"
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.base = torch.cuda.memory_allocated(device)
+            return
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages back to the system first
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident size
+            self.base = self._status("VmRSS")
+        except OSError:
+            self.scope, self.base = "process", 0.0
+
+    @staticmethod
+    def _status(field: str) -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1]) / 1024.0  # kB -> MiB
+        raise OSError(field)
+
+    def mb(self) -> float:
+        if self.device.type == "cuda":
+            return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
+        if self.scope == "trial":
+            try:
+                return max(0.0, self._status("VmHWM") - self.base)
+            except OSError:
+                pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux: the process's peak
 
 
 @torch.no_grad()
@@ -99,22 +144,30 @@ def probe_accuracy(model: GPT, dataset, device: torch.device, amp) -> dict[str, 
 
 @torch.no_grad()
 def decode_latency_ms(model: GPT, dataset, device: torch.device, n_tokens: int) -> float:
-    """Milliseconds per generated token with the KV cache, prompt = half a validation sequence."""
+    """Milliseconds per generated token with the KV cache: the mean time of `n_tokens` single-token forward
+    passes (greedy) after a prompt of half a validation sequence. The prompt's own forward (the prefill) and
+    one warm-up step are not timed."""
     if n_tokens == 0:
         return float("nan")
     x, _ = dataset.eval_batches("val", 1)[0]
-    prompt_len = max(1, min(x.shape[1] // 2, model.config.seq_len - n_tokens))
+    prompt_len = max(1, min(x.shape[1] // 2, model.config.seq_len - n_tokens - 1))
     prompt = x[:1, :prompt_len].to(device)
     model.eval()
-    model.generate(prompt, 2, temperature=0)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    model.generate(prompt, n_tokens, temperature=0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    cache = KVCache()
+    logits, _ = model(prompt, cache=cache)  # prefill: not a generated token
+    times = []
+    for i in range(n_tokens + 1):
+        nxt = logits[:, -1:].argmax(-1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        logits, _ = model(nxt, cache=cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:  # the first step warms the single-token path up
+            times.append(time.perf_counter() - t0)
     model.train()
-    return 1000.0 * (time.perf_counter() - t0) / n_tokens
+    return 1000.0 * sum(times) / len(times)
 
 
 def train(dataset, model_cfg: GPTConfig, cfg: TrainConfig, ssa: SSAConfig | None = None,
@@ -169,6 +222,7 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval) -> TrialResult:
         raise ValueError(f"seq_len: the model's seq_len {model_cfg.seq_len} is shorter than the dataset's {dataset.seq_len}")
     if model_cfg.vocab_size < dataset.vocab_size:
         model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), "vocab_size": dataset.vocab_size})
+    memory = PeakMemory(device)  # before the model exists: its weights and optimizer state count too
     model = GPT(model_cfg, ssa).to(device)
     n_params = model.num_params()
     ssa_params = sum(p.numel() for n, p in model.named_parameters() if ".temps." in n)
@@ -176,7 +230,6 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval) -> TrialResult:
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
         amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
     else:
         import contextlib
@@ -219,7 +272,7 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval) -> TrialResult:
                 metrics.update(evaluate(model, dataset, "test", cfg.batch_size, device, amp))
                 metrics["latency_ms_per_token"] = decode_latency_ms(model, dataset, device, cfg.latency_tokens)
                 metrics["n_params"], metrics["ssa_params"] = n_params, ssa_params
-            metrics["peak_mem_mb"] = _peak_memory_mb(device)
+            metrics["peak_mem_mb"] = memory.mb()
             metrics["seconds"] = time.perf_counter() - t_start
             history.append(metrics)
             if on_eval is not None:

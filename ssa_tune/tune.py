@@ -240,28 +240,14 @@ def _searcher_class():
                 self._next_sweep = now + 15.0
                 self._sweep()
             with st.study_lock(self._url, self._study.study_name):
-                trials = self._study.get_trials(deepcopy=False)
-                used = {a: 0 for a in self._budgets}
-                taken = {a: 0 for a in self._budgets}
-                for t in trials:
-                    arm = st.arm_of(t)
-                    if arm not in used:
-                        continue
-                    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-                        used[arm] += 1
-                        taken[arm] += 1
-                    elif t.state == TrialState.RUNNING:
-                        taken[arm] += 1
-                open_arms = [a for a in self._budgets if used[a] < self._budgets[a]]
-                if not open_arms or self._failures >= self._max_failures:
+                arm = st.next_arm(self._study, self._budgets)
+                if arm == st.FINISHED or self._failures >= self._max_failures:
                     return Searcher.FINISHED
-                free = [a for a in open_arms if taken[a] < self._budgets[a]]
-                if not free:  # the rest of the budget is running, here or under another driver
+                if arm is None:  # the rest of the budget is running, here or under another driver
                     if not set(self._ot) - self._done:
                         return Searcher.FINISHED  # all of it elsewhere: those drivers finish it
                     self._quiet_until = now + 1.0
                     return None
-                arm = min(free, key=lambda a: (taken[a] / self._budgets[a], ARMS.index(a)))
                 ot = st.ask_arm(self._study, self._spec, arm, self._driver)
             try:
                 params = st.suggest_all(ot, self._spec)

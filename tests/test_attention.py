@@ -446,3 +446,18 @@ def test_bfloat16_autocast(gates):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     ref = layer(x)
     assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("which", ["qkv.weight", "temps.u_q", "temps.gate_proj.weight"])
+def test_evaluation_sees_weights_changed_in_place_through_data(which):
+    """Weights edited through `.data` (EMA updates, hand-made surgery) do not bump the version counter a cache
+    could key on; an evaluation forward after such an edit must use the new weights."""
+    layer = make_layer(SSAConfig(query_gate="shared", value_gate="linear"))
+    randomise_temperatures(layer)
+    x = torch.randn(2, 7, D)
+    with torch.no_grad():
+        layer(x)  # an evaluation forward first (anything it cached must not survive the edit)
+        param = layer.get_parameter(which)
+        param.data.mul_(1.7).add_(0.05)
+        after = layer(x)
+    torch.testing.assert_close(after, reference_attention(layer, x), atol=1e-5, rtol=1e-5)

@@ -21,8 +21,8 @@ TINY_MODEL = dict(n_layer=1, n_head=2, d_model=32)
 def _train(kind, steps=40, seed=0, ssa=None, model=None, data=None, **train_kw):
     ds = build_dataset({"kind": kind, **(data or {})}, seed=seed)
     cfg = GPTConfig(vocab_size=ds.vocab_size, seq_len=ds.seq_len, **(model or TINY_MODEL))
-    tc = TrainConfig(max_steps=steps, eval_every=max(1, steps // 2), batch_size=8, seed=seed, threads=1,
-                     warmup_steps=5, **train_kw)
+    tc = TrainConfig(**{"max_steps": steps, "eval_every": max(1, steps // 2), "batch_size": 8, "seed": seed,
+                        "threads": 1, "warmup_steps": 5, **train_kw})
     seen = []
     result = train(ds, cfg, tc, ssa, on_eval=seen.append)
     return ds, result, seen
@@ -132,3 +132,37 @@ def test_ssa_tune_train_json(write_spec):
     assert {"val_loss", "steps", "tokens_per_s", "seconds"} <= set(out)
     assert out["steps"] == 30
     assert "step     15" in proc.stderr  # progress goes to stderr with --json
+
+
+def test_peak_memory_is_the_trials_own_not_the_worker_processs():
+    """A Ray worker trains many trials; each must report its own peak, not the largest any trial before it
+    reached in the same process."""
+    _, big, _ = _train("markov", steps=1, model=dict(n_layer=1, n_head=4, d_model=256, mlp_ratio=8),
+                       batch_size=32, latency_tokens=0)
+    _, small, _ = _train("markov", steps=2, latency_tokens=0)
+    assert big.metrics["peak_mem_mb"] > 50  # its activations alone are far above that
+    assert small.metrics["peak_mem_mb"] < 0.5 * big.metrics["peak_mem_mb"], (small.metrics, big.metrics)
+
+
+def test_decode_latency_times_the_generated_tokens_only():
+    """ms per generated token: the prompt's forward (prefill) is not a generated token. With a prefill made
+    slow on purpose, the per-token time must not move."""
+    import time
+
+    from ssa_tune.model import GPT
+    from ssa_tune.train import decode_latency_ms
+
+    torch.manual_seed(0)
+    ds = build_dataset({"kind": "markov"}, seed=0)
+    model = GPT(GPTConfig(vocab_size=ds.vocab_size, seq_len=ds.seq_len, **TINY_MODEL))
+    calls = []
+
+    def slow_prefill(module, args):
+        calls.append(args[0].shape[1])
+        if args[0].shape[1] > 1:
+            time.sleep(0.2)
+
+    model.register_forward_pre_hook(slow_prefill)
+    ms = decode_latency_ms(model, ds, torch.device("cpu"), n_tokens=4)
+    assert ms < 40, ms  # 0.2 s of prefill over 4 tokens would be 50 ms a token
+    assert calls.count(1) >= 4 and [c for c in calls if c > 1] == [calls[0]]  # one prefill, then one token a call

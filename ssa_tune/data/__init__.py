@@ -38,8 +38,7 @@ DATASET_KINDS: tuple[str, ...] = tuple(_CLASSES)
 KIND_PARAMS: dict[str, set[str]] = {**_SYNTH_PARAMS, **_CORPUS_PARAMS}
 
 
-def build_dataset(spec: dict[str, Any], seed: int = 0) -> Dataset:
-    """Build the dataset `spec` describes: {"kind": ..., **params}. Raises DataError on bad input."""
+def _kind(spec: Any) -> type[Dataset]:
     if not isinstance(spec, dict):
         raise DataError(f"dataset: must be a mapping with a 'kind', got {type(spec).__name__}")
     kind = spec.get("kind")
@@ -47,12 +46,24 @@ def build_dataset(spec: dict[str, Any], seed: int = 0) -> Dataset:
         raise DataError(f"dataset.kind: missing (one of {', '.join(DATASET_KINDS)})")
     if kind not in _CLASSES:
         raise DataError(f"dataset.kind: must be one of {', '.join(DATASET_KINDS)}, got {kind!r}")
+    return _CLASSES[kind]
+
+
+def check_dataset(spec: dict[str, Any]) -> None:
+    """Raise DataError when `spec` cannot make a dataset (files read and encoded, generated kinds' parameters
+    checked); needs no torch, so `ssa-tune validate` stays light."""
+    _kind(spec).check(spec)
+
+
+def build_dataset(spec: dict[str, Any], seed: int = 0) -> Dataset:
+    """Build the dataset `spec` describes: {"kind": ..., **params}. Raises DataError on bad input."""
+    cls = _kind(spec)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise DataError(f"dataset.seed: must be an integer >= 0, got {seed!r}")
-    return _CLASSES[kind](spec, seed)
+    return cls(spec, seed)
 
 
 __all__ = [
     "DATASET_KINDS", "IGNORE", "KIND_PARAMS", "Builtin", "DataError", "Dataset", "Markov", "Noisy", "Passkey",
-    "StreamDataset", "Text", "Tokens", "build_dataset", "passkey_accuracy", "sequence_accuracy",
+    "StreamDataset", "Text", "Tokens", "build_dataset", "check_dataset", "passkey_accuracy", "sequence_accuracy",
 ]

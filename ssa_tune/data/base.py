@@ -13,7 +13,19 @@ import zlib
 from typing import Any
 
 import numpy as np
-import torch
+
+
+class _Torch:
+    """torch, imported on first use: checking a dataset's parameters and reading its files
+    (`ssa-tune validate`) needs numpy only; making batches needs torch."""
+
+    def __getattr__(self, name: str):
+        import torch as module
+
+        return getattr(module, name)
+
+
+torch = _Torch()
 
 IGNORE = -100
 
@@ -78,6 +90,13 @@ class Dataset(abc.ABC):
     vocab_size: int
     seq_len: int
     optimal_loss: float | None = None
+
+    @classmethod
+    def check(cls, spec: dict[str, Any]) -> None:
+        """Raise DataError when `spec` cannot make this dataset; never imports torch. By default the dataset is
+        built (text kinds read and encode their files with numpy); kinds that generate data only check their
+        parameters (`_read`)."""
+        cls(spec, seed=0)
 
     def __init__(self, params: dict[str, Any], seed: int):
         self.params = dict(params)  # resolved parameters (defaults filled in), JSON-safe

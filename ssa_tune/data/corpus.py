@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
-from .base import DataError, Dataset, Params, numpy_rng
+from .base import DataError, Dataset, Params, numpy_rng, torch
 
 SPLITS = ("train", "val", "test")
 DOC_SEPARATOR = "\n\n"  # joins documents inside a split's stream

@@ -10,9 +10,19 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
-from .base import IGNORE, DataError, Dataset, Params, sequence_accuracy, torch_generator
+from .base import IGNORE, DataError, Dataset, Params, sequence_accuracy, torch, torch_generator
+
+
+class _Generated(Dataset):
+    """A task generated from its parameters: checking it reads them (`_read`), no data is made."""
+
+    @classmethod
+    def check(cls, spec: dict[str, Any]) -> None:
+        cls.__new__(cls)._read(spec)
+
+    def _read(self, spec: dict[str, Any]) -> Params:
+        raise NotImplementedError
 
 
 def _split_counts(total: int, parts: int) -> list[int]:
@@ -24,7 +34,7 @@ def _split_counts(total: int, parts: int) -> list[int]:
 # passkey
 
 
-class Passkey(Dataset):
+class Passkey(_Generated):
     """A key of `key_len` distinct digits hidden at some depth in filler; the sequence ends with the query.
 
     Layout of the L + 1 tokens behind a sequence of length L (x = tokens[:-1], y = tokens[1:]):
@@ -48,6 +58,9 @@ class Passkey(Dataset):
     KEY, QUERY, FILLER0 = 10, 11, 12
 
     def __init__(self, spec: dict[str, Any], seed: int):
+        super().__init__(self._read(spec).resolved, seed)
+
+    def _read(self, spec: dict[str, Any]) -> Params:
         p = Params(spec, KIND_PARAMS["passkey"], "passkey")
         self.key_len = k = p.int("key_len", 2, lo=1, hi=10)
         floor = 2 * k + 1  # no filler at all
@@ -63,7 +76,7 @@ class Passkey(Dataset):
         self.probe_sequences = p.int("probe_sequences", 32, lo=1)
         p.int("eval_seed", None, lo=0)
         self.vocab_size = self.FILLER0 + self.filler_vocab
-        super().__init__(p.resolved, seed)
+        return p
 
     def make(self, batch_size: int, length: int, depth: torch.Tensor, g: torch.Generator,
              digits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +138,7 @@ class Passkey(Dataset):
 # markov / graph transitions
 
 
-class Markov(Dataset):
+class Markov(_Generated):
     """Each sequence has its own random directed graph, listed in context, then queries answered from it.
 
     Every node gets an out-degree drawn uniformly from `degrees` (very different degrees: 1, 2, 4, ...) and
@@ -157,6 +170,12 @@ class Markov(Dataset):
     name = "markov"
 
     def __init__(self, spec: dict[str, Any], seed: int):
+        super().__init__(self._read(spec).resolved, seed)
+        self._deg_choices = torch.tensor(self.degrees)
+        self._groups["val"] = self._eval_groups("val")  # sets _val_logdeg
+        self.optimal_loss = self._val_logdeg
+
+    def _read(self, spec: dict[str, Any]) -> Params:
         p = Params(spec, KIND_PARAMS["markov"], "markov")
         self.n_nodes = n = p.int("n_nodes", 6, lo=2, hi=1024)
         self.degrees = sorted(set(p.number_list("degrees", [1, 2, 4], int, 1, n - 1)))
@@ -173,10 +192,7 @@ class Markov(Dataset):
         p.int("eval_seed", None, lo=0)
         self.SOURCE0, self.QUERY, self.EDGE0 = n, 2 * n, 2 * n + 1
         self.vocab_size = 2 * n + 1 + (n * n if self.edge_format == "token" else 0)
-        super().__init__(p.resolved, seed)
-        self._deg_choices = torch.tensor(self.degrees)
-        self._groups["val"] = self._eval_groups("val")  # sets _val_logdeg
-        self.optimal_loss = self._val_logdeg
+        return p
 
     def make(self, batch_size: int, g: torch.Generator):
         """x, y (B, seq_len) and the degree table deg (B, n_nodes) of each sequence's graph."""
@@ -229,7 +245,7 @@ class Markov(Dataset):
 # noisy / dilution
 
 
-class Noisy(Dataset):
+class Noisy(_Generated):
     """Signal tokens diluted by noise tokens; at the query marker, predict the majority signal token.
 
         c1 c2 ... c_{seq_len-1} QUERY  ->  label
@@ -249,6 +265,11 @@ class Noisy(Dataset):
     name = "noisy"
 
     def __init__(self, spec: dict[str, Any], seed: int):
+        p = self._read(spec)
+        self._levels = torch.tensor(self.noise_levels, dtype=torch.float64)
+        super().__init__(p.resolved, seed)
+
+    def _read(self, spec: dict[str, Any]) -> Params:
         p = Params(spec, KIND_PARAMS["noisy"], "noisy")
         self.seq_len = p.int("seq_len", 128, lo=2)
         self.signal_vocab = p.int("signal_vocab", 4, lo=2, hi=1 << 20)
@@ -258,8 +279,7 @@ class Noisy(Dataset):
         p.int("eval_seed", None, lo=0)
         self.QUERY = self.signal_vocab + self.noise_vocab
         self.vocab_size = self.QUERY + 1
-        self._levels = torch.tensor(self.noise_levels, dtype=torch.float64)
-        super().__init__(p.resolved, seed)
+        return p
 
     def make(self, batch_size: int, g: torch.Generator,
              level: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
