@@ -11,18 +11,18 @@ spawned processes (one thread each), so two trials share a 2-core machine; secon
 measured inside each trial and the load average is recorded before and after.
 
 Per task and variant the report holds every seed's metrics, mean and std over seeds, and for each SSA
-variant the difference SSA - baseline: the mean difference, the std of the per-seed (paired) differences,
-the pooled seed std sqrt((sd_base^2 + sd_ssa^2) / 2), and a verdict: "distinguishable" when
-|mean difference| > 2 x pooled std, else "within seed noise". Task metrics: passkey accuracy (the
-probe grid mean, plus the val set's sequence accuracy), markov val_gap (val loss minus the true entropy;
-lower is better), noisy accuracy.
+variant the difference SSA - baseline as the product's verdict computes it (`ssa_tune.analyse`): runs of
+the same seed share batches, initialisation of the shared weights and evaluation data, so the comparison is
+paired: the mean of the per-seed differences with a 95 % paired t interval over the seeds; "SSA better" or
+"SSA worse" when the interval excludes 0, else "no clear difference". The sign test (on how many seeds SSA
+was ahead) is reported beside it. Task metrics: passkey accuracy (the probe grid mean, plus the val set's
+sequence accuracy), markov val_gap (val loss minus the true entropy; lower is better), noisy accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -30,6 +30,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from ssa_tune.analyse import paired_difference
 
 EVAL_SEED = 1234  # one validation set for every training seed
 
@@ -109,28 +111,29 @@ def summarise(task: dict, runs: dict[str, dict[int, dict]], seeds: list[int]) ->
             for m in metrics:
                 b = [base[s][m] for s in seeds]
                 x = [per_seed[s][m] for s in seeds]
-                diffs = [xi - bi for xi, bi in zip(x, b)]
-                md, dsd = _mean_std(diffs)
-                pooled = math.sqrt((_mean_std(b)[1] ** 2 + _mean_std(x)[1] ** 2) / 2)
-                dist = abs(md) > 2 * pooled
-                better = md > 0 if out["higher_is_better"][m] else md < 0
-                cmp[m] = {"diff_mean": md, "diff_seed_std": dsd, "pooled_std": pooled,
-                          "ratio": (abs(md) / pooled) if pooled > 0 else None,
-                          "verdict": ("distinguishable: SSA " + ("better" if better else "worse")) if dist
-                          else "within seed noise"}
+                d = paired_difference(x, b)
+                up = out["higher_is_better"][m]
+                ahead = sum((xi > bi) if up else (xi < bi) for xi, bi in zip(x, b))
+                clear = d["low"] is not None and (d["low"] > 0 or d["high"] < 0)
+                better = d["diff"] > 0 if up else d["diff"] < 0
+                cmp[m] = {"diff_mean": d["diff"], "low": d["low"], "high": d["high"], "n": d["n"],
+                          "diff_seed_std": _mean_std(d["per_seed"])[1], "ssa_ahead_on": f"{ahead}/{len(seeds)} seeds",
+                          "verdict": ("SSA " + ("better" if better else "worse")) if clear else "no clear difference"}
             out["vs_baseline"][v] = cmp
     return out
 
 
 def markdown(report: dict) -> str:
     """The report as a markdown table: mean ± std over seeds, and SSA - baseline with its verdict."""
-    lines = ["| task | variant | val_loss | task metric | SSA − baseline (task metric) | verdict | s/trial (CPU) |",
+    lines = ["| task | variant | val_loss | task metric | SSA − baseline (task metric), 95 % paired interval | verdict "
+             "| s/trial (CPU) |",
              "|---|---|---|---|---|---|---|"]
     for name, t in report["tasks"].items():
         metric = next(m for m in ("passkey_acc", "val_gap", "val_acc") if m in t["higher_is_better"])
         for v, e in t["variants"].items():
             cmp = t.get("vs_baseline", {}).get(v, {}).get(metric)
-            diff = "" if cmp is None else f"{cmp['diff_mean']:+.3f} (paired sd {cmp['diff_seed_std']:.3f}, pooled sd {cmp['pooled_std']:.3f})"
+            diff = "" if cmp is None else (f"{cmp['diff_mean']:+.3f} [{cmp['low']:+.3f}, {cmp['high']:+.3f}], "
+                                           f"ahead on {cmp['ssa_ahead_on']}")
             verdict = "" if cmp is None else cmp["verdict"]
             lines.append(f"| {name} | {v} | {e['val_loss']['mean']:.3f} ± {e['val_loss']['std']:.3f} | "
                          f"{metric} {e[metric]['mean']:.3f} ± {e[metric]['std']:.3f} | {diff} | {verdict} | "

@@ -27,7 +27,9 @@ def _evaluator(kind: str, seed: int):
     from optuna.importance import FanovaImportanceEvaluator, PedAnovaImportanceEvaluator
 
     if kind == "fanova":
-        return FanovaImportanceEvaluator(seed=seed)
+        # 16 trees a forest (Optuna's default is 64): the interval comes from the 200 resamples, and each
+        # resample refits the forest with its own seed
+        return FanovaImportanceEvaluator(n_trees=16, seed=seed)
     return PedAnovaImportanceEvaluator()
 
 
@@ -54,11 +56,15 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator computes the importances")
 
 
-def importances(study: optuna.Study, objective: int = 0, repeats: int = 12, seed: int = 0,
+REPEATS = 200  # bootstrap resamples behind every importance interval
+
+
+def importances(study: optuna.Study, objective: int = 0, repeats: int = REPEATS, seed: int = 0,
                 evaluators: Sequence[str] = EVALUATORS, min_trials: int = 4) -> dict[str, dict[str, dict]]:
-    """{evaluator -> {param -> {mean, low, high, group, n_trials}}}: each evaluator repeated on bootstrap
-    resamples of the complete trials (fANOVA also with a fresh forest seed), so every importance comes
-    with a 90 % interval instead of one number that changes between calls."""
+    """{evaluator -> {param -> {mean, low, high, group, n_trials, repeats}}}: each evaluator repeated on
+    `repeats` bootstrap resamples of the complete trials (fANOVA also with a fresh forest seed); low and
+    high are the 5th and 95th percentiles, a 90 % bootstrap interval (with few resamples they would be
+    little more than the min and max, hence 200)."""
     _quiet()
     trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if t.values is not None and math.isfinite(t.values[objective])]
@@ -200,13 +206,19 @@ def verdict(ssa: Sequence[float | None], baseline: Sequence[float | None], direc
             "costs": costs or {}}
 
 
-def long_range_flags(long: dict[str, list[float]], baseline_id: str, tolerance: float = 0.0) -> dict[str, bool]:
-    """True for a config whose mean long-context accuracy falls below the baseline's (minus tolerance)."""
-    base = [v for v in long.get(baseline_id, []) if v is not None]
-    if not base:
+def long_range_flags(long: dict[str, list[float | None]], baseline_id: str, tolerance: float = 0.0) -> dict[str, bool]:
+    """True for a config whose mean long-context accuracy falls below the baseline's (minus tolerance).
+
+    A probe run that failed counts as accuracy 0 (it retrieved nothing), for the baseline as for the others;
+    when no baseline probe finished there is no reference and nothing is flagged."""
+    def mean(values):
+        return statistics.fmean(v if v is not None and math.isfinite(v) else 0.0 for v in values)
+
+    base = long.get(baseline_id) or []
+    if not any(v is not None for v in base):
         return {}
-    ref = statistics.fmean(base) - tolerance
-    return {cid: (statistics.fmean(v) < ref) for cid, v in long.items() if cid != baseline_id and v}
+    ref = mean(base) - tolerance
+    return {cid: mean(v) < ref for cid, v in long.items() if cid != baseline_id and v}
 
 
 def pick_top(study: optuna.Study, k: int, objective: int = 0) -> list[FrozenTrial]:

@@ -190,7 +190,7 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
     if summary.get("mlflow_ui"):
         typer.echo(f"MLflow UI: {summary['mlflow_ui']}")
     else:
-        typer.echo(f"MLflow UI: ssa-tune ui{where}   (or: mlflow ui --backend-store-uri {target.tracking})")
+        typer.echo(f"MLflow UI: ssa-tune ui{where}   (or: mlflow ui --backend-store-uri {st.redact(target.tracking)})")
 
 
 def _num(v) -> str:
@@ -498,7 +498,9 @@ def ui(workdir: Workdir = None, tracking_uri: Tracking = None,
 
     target = _target(None, workdir, None, tracking_uri, None)
     if target.tracking.startswith(("http://", "https://")):
-        typer.echo(f"the tracking server is already a UI: {target.tracking}")
+        from .redact import redact
+
+        typer.echo(f"the tracking server is already a UI: {redact(target.tracking)}")
         return
     artifacts = target.workdir / "mlartifacts"
     # -P: the current directory must not shadow modules mlflow imports

@@ -57,7 +57,11 @@ def export_best(study, target, path: Path) -> tuple[Path, dict[str, Any]]:
     run_id = st.run_id(study, t) if t is not None else None
     metrics = _metrics(target, run_id)
     objective = spec.objectives[0]
-    info = {"name": study.study_name, "trial": None if t is None else t.number, "config": w["id"],
+    arms = {}
+    for arm in spec.arms:  # what each arm's search found (one seed), beside the winner
+        b = st.best_trial(study, arm)
+        arms[arm] = None if b is None else {"trial": b.number, "value": b.value if len(b.values) == 1 else b.values}
+    info = {"name": study.study_name, "trial": None if t is None else t.number, "config": w["id"], "arms": arms,
             "arm": st.arm_of(t) if t is not None else kind, "objective": objective.metric,
             "direction": objective.direction,
             "value": None if t is None else (t.value if len(t.values) == 1 else list(t.values)),

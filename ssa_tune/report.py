@@ -47,7 +47,7 @@ def _config_label(params: dict) -> str:
     return ", ".join(f"{k}={_fmt(v, 3)}" for k, v in keep.items())
 
 
-def build(study: optuna.Study, target: Target, out_dir: Path, repeats: int = 12) -> dict[str, Any]:
+def build(study: optuna.Study, target: Target, out_dir: Path, repeats: int = analyse.REPEATS) -> dict[str, Any]:
     """Compute everything and write report.html, report.json and the PNGs; returns the report dict."""
     spec = validate(st.study_spec(study), study.user_attrs.get(st.ATTR_SPEC_PATH, study.study_name), check_data=False)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,14 +62,20 @@ def build(study: optuna.Study, target: Target, out_dir: Path, repeats: int = 12)
         "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dataset": spec.dataset, "objectives": [{"metric": o.metric, "direction": o.direction} for o in spec.objectives],
         "trials": counts,
+        "arms": {arm: {"trials": st.counts(study, arm), "best": None if (b := st.best_trial(study, arm)) is None else
+                       {"number": b.number, "values": b.values, "params": b.params}} for arm in spec.arms},
         "best_trial": None if best is None else {"number": best.number, "values": best.values, "params": best.params},
         "importances": {m: {p: {k: v[k] for k in ("mean", "low", "high")} | {"group": v["group"]}
                             for p, v in imp.get("fanova", {}).items()} for m, imp in imps.items()},
         "importances_by_evaluator": imps,
+        "importance_resamples": repeats,
         "robustness": {} if not robust else {
-            cid: {"mean": row["mean"], "std": row["std"], "seeds": row["values"], "score": row["score"],
-                  "rank": row["rank"], "params": robust["configs"][cid]}
+            cid: {"mean": row["mean"], "std": row["std"], "seeds": row["values"], "failed": row.get("failed", 0),
+                  "score": row["score"], "rank": row["rank"], "arm": (robust.get("arms") or {}).get(cid),
+                  "params": robust["configs"][cid]}
             for cid, row in robust["summary"].items()},
+        "robustness_seeds": (robust or {}).get("seeds"),
+        "confirmation": (robust or {}).get("confirmation"),
         "rank_stability_kendall_tau": (robust or {}).get("rank_stability_kendall_tau"),
         "winner": (robust or {}).get("winner") or (None if best is None else f"trial-{best.number}"),
         "winner_selected_by": "robust score (mean + penalty x std over fresh seeds)" if robust else "search objective (single seed)",
@@ -85,16 +91,17 @@ def build(study: optuna.Study, target: Target, out_dir: Path, repeats: int = 12)
 
 
 def _search_verdict(study: optuna.Study, objective) -> dict | None:
-    """Without a robustness stage: SSA vs baseline from the search's own trials (different settings, one seed
-    each) — weaker evidence, and it says so."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.values]
-    ssa = [t.values[0] for t in done if t.params.get(SSA_SWITCH) is True]
-    base = [t.values[0] for t in done if t.params.get(SSA_SWITCH) is False]
-    if not ssa or not base:
+    """Without a robustness stage there is no verdict: the search's trials of the two arms have different
+    settings and one seed each, so nothing pairs them. Say what the search found and what would decide."""
+    best = {arm: st.best_trial(study, arm) for arm in ("ssa", "baseline")}
+    if not all(best.values()):
         return None
-    v = analyse.verdict(ssa, base, objective.direction, objective.metric)
-    v["answer"] += " (search trials with different settings, one seed each; run the robustness stage for a firm answer)"
-    return v
+    diff = best["ssa"].values[0] - best["baseline"].values[0]
+    return {"metric": objective.metric, "direction": objective.direction, "costs": {},
+            "ssa_minus_baseline": {"diff": diff, "low": None, "high": None, "n": 1, "method": "search best of each arm"},
+            "answer": (f"undecided: the best SSA trial #{best['ssa'].number} minus the best baseline trial "
+                       f"#{best['baseline'].number} is {diff:+.4g} {objective.metric} on one seed each; the "
+                       "robustness stage re-trains both on shared seeds and decides")}
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -176,7 +183,7 @@ def _pngs(study: optuna.Study, report: dict, out_dir: Path) -> list[str]:
         means = [imp[n]["mean"] for n in names]
         err = [[imp[n]["mean"] - imp[n]["low"] for n in names], [imp[n]["high"] - imp[n]["mean"] for n in names]]
         ax.barh(names, means, xerr=err, color="#0969da", capsize=3)
-        ax.set_xlabel("fANOVA importance (90 % interval)")
+        ax.set_xlabel(f"fANOVA importance (mean, 90 % interval over {report['importance_resamples']} bootstrap resamples)")
         ax.set_title(f"Which settings matter for {metric}")
         fig.tight_layout()
         fig.savefig(out_dir / "importances.png", dpi=110)
@@ -191,7 +198,7 @@ def _pngs(study: optuna.Study, report: dict, out_dir: Path) -> list[str]:
         for c in ids:
             ax.plot([c] * len(rob[c]["seeds"]), rob[c]["seeds"], "k.", ms=6)
         ax.set_ylabel(metric)
-        ax.set_title("Robustness: fresh seeds, mean ± std")
+        ax.set_title("Robustness: each config on fresh training seeds, mean ± std (dots: seeds)")
         fig.tight_layout()
         fig.savefig(out_dir / "robustness.png", dpi=110)
         plt.close(fig)
@@ -211,6 +218,53 @@ def _pngs(study: optuna.Study, report: dict, out_dir: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------------ page
 
 
+COST_LABELS = {
+    "latency_ms_per_token": ("decode ms / token", "greedy decoding with the KV cache, generated tokens only "
+                             "(the prompt's prefill not timed)"),
+    "peak_mem_mb": ("peak memory MiB", "what the training run added at its peak (CPU: resident memory, the "
+                    "kernel's high-water mark reset at the run's start; CUDA: max allocated)"),
+    "n_params": ("parameters", "all trainable and frozen parameters of the model"),
+    "tokens_per_s": ("training tokens / s", "training throughput of the run (evaluation time excluded)"),
+}
+
+
+def _summary_table(report: dict, v: dict) -> str:
+    """The decision-maker's table: quality, efficiency and stability of the chosen SSA configuration vs the best
+    baseline, each with what it was measured on."""
+    d = v["ssa_minus_baseline"]
+    metric = v["metric"]
+    conf = report.get("confirmation") or {}
+    seeds = conf.get("seeds") or []
+    where = (f"{len(seeds)} seeds ({seeds[0]}..{seeds[-1]}) shared by both, not used to choose either configuration"
+             if seeds else d.get("method", ""))
+    rows = []
+    values = conf.get("values") or {}
+    ssa_id, base_id = v.get("ssa_config"), v.get("baseline_config")
+
+    def spread(cid):
+        vals = [x for x in values.get(cid, []) if x is not None]
+        if not vals:
+            return "–"
+        mean = sum(vals) / len(vals)
+        std = (sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+        return f"{_fmt(mean)} ± {_fmt(std, 2)}"
+
+    interval = "–" if d["low"] is None else f"[{_fmt(d['low'])}, {_fmt(d['high'])}]"
+    rows.append([f"quality: {metric}", spread(ssa_id), spread(base_id),
+                 f"{'–' if d['diff'] is None else _fmt(d['diff'])} {interval}",
+                 f"paired difference, {int(100 * d.get('confidence', 0.95))} % t interval over {where}"])
+    for key, c in (v.get("costs") or {}).items():
+        label, what = COST_LABELS.get(key, (key, ""))
+        rows.append([f"efficiency: {label}", f"{_fmt(c['ssa'])} ± {_fmt(c.get('ssa_std'), 2)}",
+                     f"{_fmt(c['baseline'])} ± {_fmt(c.get('baseline_std'), 2)}",
+                     f"× {_fmt(c.get('ratio'), 3)}", f"{what}; mean ± std over the same runs"])
+    rows.append(["stability", "± is the std over seeds", "", "",
+                 "each configuration re-trained with its own seeds; the robustness table below has every seed"])
+    head = ["", f"SSA ({ssa_id or '–'})", f"baseline ({base_id or '–'})", "SSA − baseline / SSA ÷ baseline",
+            "measured on"]
+    return _table(head, rows)
+
+
 def _html(study: optuna.Study, spec, report: dict, imps: dict) -> str:
     import plotly.offline
 
@@ -222,14 +276,9 @@ def _html(study: optuna.Study, spec, report: dict, imps: dict) -> str:
     if v is None:
         verdict_html, vclass = "<p>No finished runs of both SSA and the baseline yet.</p>", "unclear"
     else:
-        d = v["ssa_minus_baseline"]
         vclass = "helps" if v["answer"].startswith("SSA helps") else "hurts" if v["answer"].startswith("SSA hurts") else "unclear"
         verdict_html = f'<p class="big">{html.escape(v["answer"].split(":")[0])}</p><p>{html.escape(v["answer"])}</p>'
-        verdict_html += _table(["", "SSA − baseline", "interval low", "interval high", "runs (SSA, baseline)"],
-                               [[metric, d["diff"], d["low"], d["high"], str(d["n"])]])
-        if v.get("costs"):
-            verdict_html += _table(["cost", "SSA", "baseline"],
-                                   [[k, c["ssa"], c["baseline"]] for k, c in v["costs"].items()])
+        verdict_html += _summary_table(report, v)
     winner = report["winner"]
     rob = report["robustness"]
     if winner and rob and winner in rob:
@@ -242,6 +291,11 @@ def _html(study: optuna.Study, spec, report: dict, imps: dict) -> str:
                        f'<p>{metric} {_fmt(b["values"][0])} (one seed; no robustness stage ran).</p>')
     else:
         winner_html = "<p>No complete trial yet.</p>"
+    arm_rows = [[arm, a["trials"]["complete"], a["trials"]["pruned"], a["trials"]["failed"],
+                 f"#{a['best']['number']}: {_fmt(a['best']['values'][0])}" if a["best"] else "–"]
+                for arm, a in report["arms"].items()]
+    winner_html += "<p>The arms of the search, each tuned on its own share of the budget:</p>" + \
+        _table(["arm", "complete", "pruned", "failed", f"best {metric} (one seed)"], arm_rows)
     lc = report["long_context"]
     if lc and lc.get("values"):
         flagged = [c for c, f in lc["flagged"].items() if f]
@@ -263,12 +317,17 @@ def _html(study: optuna.Study, spec, report: dict, imps: dict) -> str:
                        "<p>Too few complete trials for importances (at least 4 are needed).</p>")
     if imps.get(metric, {}).get("fanova"):
         first = imps[metric]["fanova"]
-        importance_html += _table(["parameter", "mean", "90% low", "90% high", "estimated on"],
+        importance_html += _table(["parameter", "mean", "90% low", "90% high", "estimated on (complete trials)"],
                                   [[p, x["mean"], x["low"], x["high"], f"{x['group']} ({x['n_trials']})"] for p, x in first.items()])
     if rob:
-        rows = [[c, _config_label(r["params"]), r["mean"], r["std"], r["score"], r["rank"]] for c, r in rob.items()]
-        robustness_html = _table(["config", "settings", f"mean {metric}", "std", "robust score", "rank"], rows,
-                                 ["win" if r[0] == winner else "" for r in rows])
+        rows = [[c, r.get("arm") or "", _config_label(r["params"]), r["mean"], r["std"], r["failed"], r["score"], r["rank"]]
+                for c, r in rob.items()]
+        robustness_html = _table(["config", "arm", "settings", f"mean {metric}", "std", "failed seeds", "robust score",
+                                  "rank"], rows, ["win" if r[0] == winner else "" for r in rows])
+        seeds = report.get("robustness_seeds") or []
+        robustness_html += (f"<p>Each configuration re-trained on training seeds {', '.join(map(str, seeds))}, all scored "
+                            "on the study's own validation data; a failed seed counts as the worst value any "
+                            "configuration reached.</p>")
         tau = report["rank_stability_kendall_tau"]
         robustness_html += f"<p>Rank stability between seeds (mean Kendall τ): <b>{_fmt(tau, 3)}</b> (1 = same order on every seed).</p>"
         robustness_html += f'<div class="plots">{_div(_robustness_figure(report), "plot wide")}</div>'
@@ -281,7 +340,7 @@ def _html(study: optuna.Study, spec, report: dict, imps: dict) -> str:
         study=html.escape(study.study_name), css=dash.joinpath("report.css").read_text(),
         plotlyjs=plotly.offline.get_plotlyjs(), meta=meta, verdict_class=vclass, verdict_html=verdict_html,
         winner_html=winner_html, guard_html=guard_html, importance_html=importance_html,
-        robustness_html=robustness_html,
+        robustness_html=robustness_html, resamples=report["importance_resamples"],
         search_html=f'<div class="plots">{"".join(_search_figures(study, spec, imps))}</div>',
         version=__version__, generated=report["generated"])
 

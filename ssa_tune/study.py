@@ -33,6 +33,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .errors import UserError
+from .redact import redact  # noqa: F401  (st.redact, used across the service)
 from .spec import ARMS, SSA_SWITCH, JobSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -148,25 +149,6 @@ def open_storage(url: str, create: bool = True) -> RetryingRDBStorage:
         if "compatible" in first or "schema" in first.lower():
             raise UserError(f"{redact(url)}: written by another Optuna version: {first}", field="storage") from None
         raise UserError(f"cannot open {redact(url)}: {first}", field="storage") from None
-
-
-def redact(url: str | None) -> str | None:
-    """A URL without its password, for anything printed, logged or tagged."""
-    if not url:
-        return url
-    try:
-        from sqlalchemy.engine import make_url
-
-        u = make_url(url)
-        return u.render_as_string(hide_password=True) if u.password else url
-    except Exception:
-        from urllib.parse import urlsplit, urlunsplit
-
-        parts = urlsplit(url)
-        if parts.password:
-            netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-            return urlunsplit(parts._replace(netloc=netloc))
-        return url
 
 
 def check_storage(url: str) -> None:

@@ -14,11 +14,11 @@ import os
 import queue
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
+from .redact import redact
 
 ROLE, STUDY, TRIAL_NUMBER, STATE, REASON, PRUNED_AT, ARM, NODE_ID, NODE_IP = (
     "ssa_tune.role", "ssa_tune.study", "ssa_tune.trial_number", "ssa_tune.state", "ssa_tune.fail_reason",
@@ -50,11 +50,13 @@ def check_tracking(uri: str) -> None:
     """Reach an MLflow server once (or open a database store) so a wrong URI is reported before anything
     is written."""
     if is_server(uri):
+        import requests  # (MLflow's own HTTP client; it sends user:password@ in the URL as basic auth)
+
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
-                r.read()
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
         except Exception as e:
-            raise UserError(f"cannot reach MLflow tracking server {uri}: {getattr(e, 'reason', e)}", field="tracking") from None
+            reason = type(e).__name__ if isinstance(e, requests.ConnectionError) else str(e).splitlines()[0]
+            raise UserError(f"cannot reach MLflow tracking server {redact(uri)}: {reason}", field="tracking") from None
     elif uri.startswith("sqlite:///"):
         import sqlite3
 
@@ -72,7 +74,7 @@ def check_tracking(uri: str) -> None:
 
 def experiment_url(uri: str, experiment_id: str) -> str | None:
     """Where the runs table of a study is in the MLflow UI (only a tracking server has one to link)."""
-    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs" if is_server(uri) else None
+    return f"{redact(uri).rstrip('/')}/#/experiments/{experiment_id}/runs" if is_server(uri) else None
 
 
 def _client(uri: str):
@@ -132,7 +134,7 @@ class Tracker:
             raise
         except Exception as e:  # a corrupt or foreign database, an incompatible schema
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"cannot use the MLflow store {uri}: {first}", field="tracking") from None
+            raise UserError(f"cannot use the MLflow store {redact(uri)}: {first}", field="tracking") from None
         self._enable_wal()
 
     def _enable_wal(self) -> None:

@@ -131,3 +131,11 @@ def test_pick_top_distinct():
             state=optuna.trial.TrialState.COMPLETE if math.isfinite(v) else optuna.trial.TrialState.FAIL))
     top = analyse.pick_top(study, 3)
     assert [t.params["x"] for t in top] == [2, 3, 1]
+
+
+def test_a_failed_long_context_run_counts_and_crashes_nothing():
+    """A probe run that failed (None) must not crash the stage after all its training: it counts as accuracy
+    0, for the baseline as for the others."""
+    flags = analyse.long_range_flags({"base": [0.9, None], "fine": [0.9, 0.9], "broken": [None, None]}, "base")
+    assert flags == {"fine": False, "broken": True}
+    assert analyse.long_range_flags({"base": [None, None], "x": [0.5, 0.5]}, "base") == {}

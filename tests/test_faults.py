@@ -166,12 +166,15 @@ def test_postgresql_restarted_mid_study(tmp_path):
 
 def test_two_drivers_on_one_postgresql_study(tmp_path):
     """`ssa-tune run` twice at once on the same study: the budget holds, every trial number once, one MLflow
-    child run per trial, one parent run."""
+    child run per trial, one parent run. Both URLs carry a password (the servers ignore it): it appears in
+    no output, param or tag."""
     name = f"two-drivers-{uuid.uuid4().hex[:6]}"
     server = MlflowServer(tmp_path / "mlflow").start()
     spec = _spec(tmp_path, name, train={"max_steps": 40, "eval_every": 20}, budget={"n_trials": 6},
                  resources={"max_concurrent": 1})
-    args = ["run", spec, "--storage", PG_URL, "--tracking-uri", server.uri, "--json"]
+    tracking = server.uri.replace("http://", "http://ssa:s3cret-tracking@")
+    storage = PG_URL.replace("root@", "root:s3cret-storage@")
+    args = ["run", spec, "--storage", storage, "--tracking-uri", tracking, "--json"]
     drivers = [_start([*args, "--workdir", tmp_path / f"wd{i}"], tmp_path) for i in range(2)]
     try:
         outs = [d.communicate(timeout=600) for d in drivers]
@@ -182,6 +185,7 @@ def test_two_drivers_on_one_postgresql_study(tmp_path):
     try:
         for d, (out, err) in zip(drivers, outs):
             assert d.returncode == 0, err[-3000:]
+            assert "s3cret" not in out + err
         study = optuna.load_study(study_name=name, storage=PG_URL)
         assert sum(t.state in DONE for t in study.trials) == 6
         assert sorted(t.number for t in study.trials) == list(range(len(study.trials)))
@@ -193,8 +197,13 @@ def test_two_drivers_on_one_postgresql_study(tmp_path):
         numbers = [int(r.data.tags["ssa_tune.trial_number"]) for r in children]
         assert sorted(numbers) == [t.number for t in study.trials]
         exp = client.get_experiment_by_name(name)
-        parents = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("ssa_tune.role") == "study"]
+        everything = client.search_runs([exp.experiment_id])
+        parents = [r for r in everything if r.data.tags.get("ssa_tune.role") == "study"]
         assert len(parents) == 1
+        for r in everything:
+            assert "s3cret" not in json.dumps({**r.data.tags, **r.data.params})
+        status = run_cli("status", name, "--storage", storage, "--workdir", tmp_path / "wd0")
+        assert "s3cret" not in status.stdout + status.stderr
     finally:
         server.stop()
         _delete(name)

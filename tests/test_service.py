@@ -307,3 +307,79 @@ def test_text_spec_with_a_relative_path_as_a_new_user_types_it(tmp_path):
     assert summary["trials"]["failed"] == 0
     assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 2
     assert (tmp_path / ".ssa_tune" / "optuna.db").exists()  # the default work dir is ./.ssa_tune
+
+
+@pytest.mark.parametrize("budget", ["tokens", "searched-steps"])
+def test_a_trial_that_trains_to_its_own_end_is_complete(tmp_path, budget):
+    """With a token budget, or with max_steps searched (each trial its own length), a trial that reached its
+    own end is COMPLETE: not PRUNED because it stopped short of some other step count."""
+    changes = {"budget": {"n_trials": 3}, "sampler": {"kind": "random", "seed": 1},
+               "scheduler": {"kind": "asha", "grace_steps": 10, "reduction_factor": 3}}
+    if budget == "tokens":
+        changes["train"] = {"max_tokens": 8 * 128 * 30, "eval_every": 10}  # 30 steps of batch 8 x 128 tokens
+    else:
+        changes["train"] = {"eval_every": 10}
+        changes["search"] = {**TINY["search"], "train.max_steps": {"type": "int", "low": 20, "high": 40, "step": 10}}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(deep_update(TINY, changes)))
+    wd = tmp_path / "wd"
+    summary = json.loads(run_cli("run", spec, "--workdir", wd, "--json").stdout)
+    assert summary["trials"]["complete"] >= 1 and summary["trials"]["failed"] == 0
+    study = _study(wd)
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            own_end = 30 if budget == "tokens" else t.params.get("train.max_steps", 40)
+            assert max(t.intermediate_values) == own_end, (t.number, t.intermediate_values)
+
+
+def test_values_invalid_together_fail_one_trial_not_the_study(tmp_path):
+    """d_model 32 and n_head 3 are each fine with the other's first value, so `validate` passes; drawn
+    together they cannot make a model: that trial is FAIL with the reason, and the study goes on."""
+    raw = deep_update(TINY, {"budget": {"n_trials": 6}, "sampler": {"kind": "random", "seed": 0},
+                             "scheduler": {"kind": "none"}, "train": {"max_steps": 10, "eval_every": 10}})
+    raw["search"] = {"model.d_model": {"type": "categorical", "choices": [48, 32]},
+                     "model.n_head": {"type": "categorical", "choices": [2, 3]}}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    assert run_cli("validate", spec).returncode == 0
+    wd = tmp_path / "wd"
+    summary = json.loads(run_cli("run", spec, "--workdir", wd, "--json").stdout)
+    assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 6
+    failed = [t for t in _study(wd).trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed, "seed 0 draws the invalid pair (32, 3)"
+    for t in failed:
+        assert (t.params["model.d_model"], t.params["model.n_head"]) == (32, 3)
+        assert t.user_attrs["ssa_tune.fail_reason"] == \
+            "invalid combination of values: d_model: 32 must be divisible by n_head=3"
+    client, runs = _runs(wd)
+    states = {r.data.tags["ssa_tune.trial_number"]: r.data.tags["ssa_tune.state"] for r in runs
+              if r.data.tags.get("ssa_tune.role") == "trial"}
+    assert all(states[str(t.number)] == "FAIL" for t in failed)
+
+
+def test_export_takes_a_baseline_winner_that_is_not_a_trial(tmp_path):
+    """When no baseline trial finished, the robustness stage re-trains the baseline's default configuration;
+    if that wins, the export is the identity SSAConfig chosen by the robust score, not the SSA search-best."""
+    from ssa_tune import study as st
+    from ssa_tune.robustness import ATTR_ROBUSTNESS
+
+    wd = tmp_path / "wd"
+    storage = st.open_storage(f"sqlite:///{wd / 'optuna.db'}")
+    study = optuna.create_study(study_name="tiny", storage=storage)
+    dists = {"ssa.enabled": optuna.distributions.CategoricalDistribution([True, False]),
+             "ssa.query_gate": optuna.distributions.CategoricalDistribution(["none", "linear", "shared"])}
+    study.add_trial(optuna.trial.create_trial(params={"ssa.enabled": True, "ssa.query_gate": "shared"},
+                                              distributions=dists, value=1.0, user_attrs={"ssa_tune.arm": "ssa"}))
+    study.set_user_attr(st.ATTR_SPEC, json.dumps(TINY))
+    row = {"mean": 0.8, "std": 0.01, "seeds": 2, "failed": 0, "values": [0.79, 0.81], "score": 0.81, "rank": 1}
+    study.set_user_attr(ATTR_ROBUSTNESS, {
+        "objective": "val_loss", "penalty": 1.0, "winner": "baseline",
+        "summary": {"baseline": row, "trial-0": {**row, "mean": 1.0, "score": 1.02, "rank": 2}},
+        "configs": {"baseline": {"ssa.enabled": False}, "trial-0": {"ssa.enabled": True, "ssa.query_gate": "shared"}}})
+    out = tmp_path / "best.yaml"
+    proc = run_cli("export", "tiny", "-o", out, "--workdir", wd)
+    exported = yaml.safe_load(out.read_text())
+    assert exported["source"]["winner"] == "baseline"
+    assert exported["source"]["selected_by"].startswith("robust score over 2 fresh seeds")
+    assert exported["ssa"]["query_position"] == "none" and exported["ssa"]["query_gate"] == "none"
+    assert exported["study"]["config"] == "baseline" and "(baseline, robust score)" in proc.stdout
