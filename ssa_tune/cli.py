@@ -132,7 +132,7 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
 
     from . import study as st
     from .driver import run_study
-    from .robustness import ATTR_ROBUSTNESS, run_robustness
+    from .robustness import ATTR_ROBUSTNESS
     from .tune import in_ray_job
 
     import signal
@@ -151,15 +151,11 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
     robust = None
     if s.robustness is not None and summary["best"] is not None:
         loaded = optuna.load_study(study_name=summary["study"], storage=st.open_storage(target.storage))
-        if summary["new_trials"] or loaded.user_attrs.get(ATTR_ROBUSTNESS) is None:
-            run_robustness(loaded, s, target, out=say, address=address)
-        else:
-            say("robustness: already done for these trials (ssa-tune robustness STUDY re-runs it)")
+        robust = loaded.user_attrs.get(ATTR_ROBUSTNESS)
         rep = _write_report(loaded, target, None, say)
         summary["report"] = rep.get("path")
         summary["verdict"] = (rep.get("verdict") or {}).get("answer")
         summary["winner"] = rep.get("winner")
-        robust = loaded.user_attrs.get(ATTR_ROBUSTNESS)
     if as_json:
         sys.stdout.flush()
         os.write(json_out, (json.dumps(summary, indent=2, default=_json_default) + "\n").encode())
@@ -442,12 +438,13 @@ def robustness(study: Annotated[str, typer.Argument(help="Study name.")], workdi
                report_dir: Annotated[Optional[Path], typer.Option("--report", help="Also write the report here.")] = None):
     """Re-train the study's top configs and each arm's best with fresh seeds; pick the robust winner; confirm."""
     from . import study as st
-    from .robustness import run_robustness
+    from .driver import run_study
     from .spec import validate as validate_spec
 
     loaded, target = _open(study, workdir, storage, tracking_uri)
     s = validate_spec(st.study_spec(loaded), loaded.user_attrs.get(st.ATTR_SPEC_PATH, study), check_data=False)
-    run_robustness(loaded, s, target, out=typer.echo, address=address)
+    run_study(s, target, resume=True, n_trials=loaded.user_attrs.get(st.ATTR_N_TRIALS), address=address,
+              out=typer.echo, robustness="always")
     if report_dir is not None:
         _write_report(loaded, target, report_dir)
 

@@ -160,8 +160,11 @@ class _Heartbeat:
 
 
 def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: int | None = None,
-              address: str | None = None, out: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or continue) the study to its budget; returns the summary `ssa-tune status` prints."""
+              address: str | None = None, out: Callable[[str], None] = print,
+              robustness: str = "auto") -> dict[str, Any]:
+    """Run (or continue) the study to its budget, then its robustness stage on the same workers; returns the
+    summary `ssa-tune status` prints. `robustness`: "auto" runs the stage when the spec has one and this run
+    added trials (or it never ran), "always" re-runs it, "never" skips it."""
     study_name = target.study or spec.name
     # everything that can be wrong is checked before anything is written
     st.check_storage(target.storage)
@@ -221,11 +224,27 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
         out(f"study {study_name}: {st.budget_used(study)}/{budget} trials done ({arms}); storage "
             f"{st.redact(target.storage)}; tracking {st.redact(target.tracking)}")
         trials_before = len(study.trials)
+
+        def make_plan(new_trials: bool):
+            from .robustness import ATTR_ROBUSTNESS, Plan
+
+            if robustness == "never" or spec.robustness is None and robustness != "always":
+                return None
+            if robustness == "auto" and not new_trials and study.user_attrs.get(ATTR_ROBUSTNESS) is not None:
+                out("robustness: already done for these trials (ssa-tune robustness STUDY re-runs it)")
+                return None
+            if st.best_trial(study) is None:
+                out("robustness: no complete trial to re-run")
+                return None
+            return Plan(study, spec, out)
+
         try:
-            tune.fit(spec, study, target.storage, target.workdir, mirror, driver, budgets, spec.time_limit_s, out)
+            plan = tune.fit(spec, study, target.storage, target.workdir, mirror, driver, budgets, out, make_plan)
         except (KeyboardInterrupt, SystemExit):
             _stop_own_trials(study, driver, mirror, "stopped: the driver was interrupted (SIGINT/SIGTERM)")
             raise
+        if plan is not None:
+            plan.finish()
         summary = status(study, target)
         summary["new_trials"] = len(study.trials) - trials_before
         metrics: dict[str, float] = {f"trials_{k}": v for k, v in summary["trials"].items()}

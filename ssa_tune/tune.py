@@ -26,6 +26,7 @@ _RAY_KEYS = {"done", "training_iteration", "time_this_iter_s", "time_total_s", "
              "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "timesteps_total", "episodes_total",
              "timesteps_since_restore", "config", "ssa_tune.node_id"}
 NODE_KEY = "ssa_tune.node_id"
+KEY_ROBUST, KEY_VARIANT = "ssa_tune.robust", "ssa_tune.variant"  # a robustness run (not an Optuna trial)
 
 
 # ----------------------------------------------------------------------------------------------- cluster
@@ -151,8 +152,8 @@ def _trainable(config: dict, ctx: dict) -> None:
     params = {k: v for k, v in config.items() if not k.startswith("ssa_tune.")}
     node = ray.get_runtime_context().get_node_id()
     try:
-        spec = validate(json.loads(ctx["spec"]), ctx["spec_path"], check_data=False,
-                        base_dir=os.environ.get("TUNE_ORIG_WORKING_DIR"))
+        raw = ctx["variants"][config[KEY_VARIANT]] if KEY_VARIANT in config else json.loads(ctx["spec"])
+        spec = validate(raw, ctx["spec_path"], check_data=False, base_dir=os.environ.get("TUNE_ORIG_WORKING_DIR"))
         execute(spec, params, ctx["cpus"], ctx["gpus"], report=lambda m: ray.tune.report({**m, NODE_KEY: node}))
     except Exception as e:
         # the reason travels in the error, which the driver reads back (see `_error_reason`)
@@ -202,11 +203,16 @@ def _searcher_class():
         """Ray Tune's searcher on the Optuna study: each suggestion is a trial asked of one arm's sampler,
         under the study lock, while the arm has budget left (counted in the storage, so several drivers
         share one budget). Scheduler stops are told to Optuna as PRUNED, failures as FAIL with their reason;
-        a trial lost with its worker is re-run once."""
+        a trial lost with its worker is re-run once. When the search is over (and `make_plan` is given) the
+        robustness stage's runs follow on the same workers, as long as its plan hands out jobs."""
 
         def __init__(self, *, spec: JobSpec, study, storage_url: str, budgets: dict[str, int], driver: str,
-                     mirror, trials: dict, on_done: Callable, max_failures: int):
+                     mirror, trials: dict, on_done: Callable, max_failures: int, make_plan: Callable | None,
+                     time_limit_s: float | None):
             super().__init__(metric=None, mode=None)  # the objectives are read here, not by Ray
+            self._make_plan, self.plan = make_plan, None
+            self._deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+            self._robust: dict[str, dict] = {}  # Tune trial id -> robustness job
             self._spec, self._study, self._url = spec, study, storage_url
             self._budgets, self._driver, self._mirror = budgets, driver, mirror
             self._tune_trials, self._on_done = trials, on_done
@@ -236,13 +242,16 @@ def _searcher_class():
             now = time.monotonic()
             if now < self._quiet_until:
                 return None
+            if self.plan is not None:
+                return self._suggest_robust(trial_id)
             if now >= self._next_sweep:
                 self._next_sweep = now + 15.0
                 self._sweep()
             with st.study_lock(self._url, self._study.study_name):
                 arm = st.next_arm(self._study, self._budgets)
-                if arm == st.FINISHED or self._failures >= self._max_failures:
-                    return Searcher.FINISHED
+                over = self._deadline is not None and now > self._deadline  # budget.time_limit_s
+                if arm == st.FINISHED or over or self._failures >= self._max_failures:
+                    return self._search_over(trial_id)
                 if arm is None:  # the rest of the budget is running, here or under another driver
                     if not set(self._ot) - self._done:
                         return Searcher.FINISHED  # all of it elsewhere: those drivers finish it
@@ -260,6 +269,48 @@ def _searcher_class():
             self._mirror.create(key, key, trial_params(dataset, model, train, ssa),
                                 {"ssa_tune.role": "trial", "ssa_tune.trial_number": ot.number, "ssa_tune.arm": arm})
             return {**params, KEY_NUMBER: ot.number, KEY_TRIAL_ID: ot._trial_id, KEY_ARM: arm}
+
+        def _search_over(self, trial_id: str):
+            """No more search trials: wait for ours to finish, then hand over to the robustness plan."""
+            if set(self._ot) - self._done:
+                self._quiet_until = time.monotonic() + 0.5
+                return None
+            make, self._make_plan = self._make_plan, None
+            if make is None or any(t.state == TrialState.RUNNING for t in self._study.get_trials(deepcopy=False)):
+                return Searcher.FINISHED  # no stage, or another driver still runs the search (its driver runs it)
+            self.plan = make(bool(self._ot))
+            if self.plan is None:
+                return Searcher.FINISHED
+            return self._suggest_robust(trial_id)
+
+        def _suggest_robust(self, trial_id: str):
+            job = self.plan.next_job()
+            if job is None:  # the next stage needs the runs still going
+                self._quiet_until = time.monotonic() + 0.5
+                return None
+            if not isinstance(job, dict):
+                return Searcher.FINISHED
+            self._robust[trial_id] = job
+            self._keys[trial_id] = job["key"]
+            self._mirror.create(job["key"], job["key"], self.plan.mlflow_params(job),
+                                {"ssa_tune.role": "robustness", "ssa_tune.stage": job["stage"],
+                                 "ssa_tune.config": job["config"], "ssa_tune.seed": job["seed"],
+                                 "ssa_tune.variant": job["variant"], "ssa_tune.arm": job["arm"]})
+            return {**job["params"], KEY_NUMBER: job["key"], KEY_ARM: job["arm"], KEY_ROBUST: job["key"],
+                    KEY_VARIANT: job["variant"]}
+
+        def _robust_done(self, trial_id: str, result: dict | None, error: bool) -> None:
+            job = self._robust.pop(trial_id)
+            self._done.add(trial_id)
+            last = self._last.pop(trial_id, None) or result or {}
+            if error:
+                res = {"ok": False, "reason": _error_reason(self._tune_trials.get(trial_id))[0]}
+            elif float(last.get("progress", 0.0)) < 1.0:
+                res = {"ok": False, "reason": "never finished (stopped before its end)"}
+            else:
+                res = {"ok": True, "metrics": {k: v for k, v in last.items() if k not in _RAY_KEYS}}
+            self._mirror.finish(job["key"], "COMPLETE" if res["ok"] else "FAIL", res.get("reason"))
+            self.plan.record(job, res)
 
         def _fail_unstarted(self, ot, arm: str, reason: str) -> None:
             self._study._storage.set_trial_user_attr(ot._trial_id, st.T_REASON, reason)
@@ -288,6 +339,12 @@ def _searcher_class():
             self._result(trial_id, result)
 
         def _result(self, trial_id: str, result: dict) -> None:
+            if trial_id in self._robust:
+                self._last[trial_id] = result
+                if result.get("step") is not None:
+                    self._mirror.metrics(self._keys[trial_id], {k: v for k, v in result.items()
+                                                                if k not in _RAY_KEYS}, int(result["step"]))
+                return
             ot = self._ot.get(trial_id)
             if ot is None or trial_id in self._done:
                 return
@@ -313,6 +370,11 @@ def _searcher_class():
                     ot.report(float(v), int(step))
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            if trial_id in self._robust:
+                if result and self._last.get(trial_id) is not result:
+                    self._result(trial_id, result)
+                self._robust_done(trial_id, result, error)
+                return
             ot = self._ot.get(trial_id)
             if ot is None or trial_id in self._done:
                 return
@@ -359,6 +421,8 @@ def _searcher_class():
 
         def close_unfinished(self, reason: str) -> None:
             """Trials asked but never told (Ray stopped before they ran): FAIL with `reason`."""
+            for trial_id in list(self._robust):
+                self._robust_done(trial_id, None, True)
             for trial_id in list(set(self._ot) - self._done):
                 ot = self._ot[trial_id]
                 self._study._storage.set_trial_user_attr(ot._trial_id, st.T_REASON, reason)
@@ -407,9 +471,12 @@ def _arm_scheduler(spec: JobSpec, max_t: int, time_attr: str, grace: int):
         def __init__(self):
             super().__init__()
             self.arms = {arm: make() for arm in spec.arms}
+            self.fifo = FIFOScheduler()
             self._metric, self._mode = om["metric"], om["mode"]
 
         def _of(self, trial):
+            if KEY_ROBUST in trial.config:  # robustness runs train to their end
+                return self.fifo
             return self.arms.get(trial.config.get(KEY_ARM)) or next(iter(self.arms.values()))
 
         def set_search_properties(self, metric, mode, **kw) -> bool:
@@ -542,8 +609,9 @@ def portable_raw(spec: JobSpec) -> dict:
 
 
 def fit(spec: JobSpec, study, storage_url: str, workdir, mirror, driver: str, budgets: dict[str, int],
-        time_budget: float | None, out: Callable[[str], None]) -> None:
-    """Run the study's trials on Ray Tune until every arm's budget is used (or the time limit)."""
+        out: Callable[[str], None], make_plan: Callable | None = None):
+    """Run the study's trials on Ray Tune until every arm's budget is used (or budget.time_limit_s), then,
+    with `make_plan`, the robustness stage's runs on the same workers; returns that stage's plan (or None)."""
     from ray import tune
 
     train = spec.train_config({})
@@ -558,9 +626,19 @@ def fit(spec: JobSpec, study, storage_url: str, workdir, mirror, driver: str, bu
     progress, stopper = _callbacks(spec, study, out, trials)
     search = _searcher_class()(spec=spec, study=study, storage_url=storage_url, budgets=budgets, driver=driver,
                                mirror=mirror, trials=trials, on_done=progress.done,
-                               max_failures=2 * sum(budgets.values()) + 2)
+                               max_failures=2 * sum(budgets.values()) + 2, make_plan=make_plan,
+                               time_limit_s=spec.time_limit_s)
     cpus, gpus = float(spec.resources["cpus_per_trial"]), float(spec.resources["gpus_per_trial"])
-    ctx = {"spec": json.dumps(portable_raw(spec), default=str), "spec_path": spec.path, "cpus": cpus, "gpus": gpus}
+    variants = {}
+    if spec.robustness:  # the long-context / noise variants the robustness stage may train
+        from .robustness import variant_spec
+
+        for name in ("long_context", "noise"):
+            if spec.robustness.get(name):
+                variants[name] = portable_raw(variant_spec(spec, spec.robustness[name]))
+    variants["main"] = portable_raw(spec)
+    ctx = {"spec": json.dumps(portable_raw(spec), default=str), "spec_path": spec.path, "cpus": cpus, "gpus": gpus,
+           "variants": json.loads(json.dumps(variants, default=str))}
     request = spec.trial_resources()
     resources = {"cpu": cpus, "gpu": gpus}
     if "memory" in request:
@@ -575,7 +653,6 @@ def fit(spec: JobSpec, study, storage_url: str, workdir, mirror, driver: str, bu
             num_samples=-1,  # the searcher decides when the budget is spent
             max_concurrent_trials=int(spec.resources["max_concurrent"]),
             reuse_actors=True,
-            time_budget_s=time_budget,
         ),
         run_config=tune.RunConfig(
             name=f"{study.study_name}-{int(time.time())}",
@@ -594,6 +671,7 @@ def fit(spec: JobSpec, study, storage_url: str, workdir, mirror, driver: str, bu
     search.close_unfinished(progress.gave_up or "never started: the study stopped before a node took it")
     if progress.gave_up:
         raise UserError(progress.gave_up, spec.path, "resources")
+    return search.plan
 
 
 def _max_steps(spec: JobSpec) -> int:
@@ -603,37 +681,3 @@ def _max_steps(spec: JobSpec) -> int:
         if p.name == "train.max_steps":
             steps = max([steps, *(int(v) for v in p.values_to_check())])
     return steps
-
-
-# ------------------------------------------------------------------------------------------- plain tasks
-
-
-def run_tasks(fn: Callable, jobs: list[tuple], resources: dict[str, float], limit: int,
-              on_done: Callable[[int, dict], None]) -> dict[int, dict]:
-    """Run `fn(*args)` for each job as Ray tasks, at most `limit` at a time; `fn` returns a dict. A task whose
-    worker dies gives {"ok": False, "reason": ...}. Returns {job index: result}."""
-    import ray
-
-    request = {"num_cpus": resources.get("CPU", 1.0), "num_gpus": resources.get("GPU", 0.0)}
-    if "memory" in resources:
-        request["memory"] = resources["memory"]
-    custom = {k: v for k, v in resources.items() if k not in ("CPU", "GPU", "memory")}
-    if custom:
-        request["resources"] = custom
-    task = ray.remote(fn)
-    results: dict[int, dict] = {}
-    queue = list(range(len(jobs)))
-    running: dict[Any, int] = {}
-    while queue or running:
-        while queue and len(running) < limit:
-            i = queue.pop(0)
-            running[task.options(**request).remote(*jobs[i])] = i
-        ready, _ = ray.wait(list(running), num_returns=1)
-        for ref in ready:
-            i = running.pop(ref)
-            try:
-                results[i] = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - the worker died
-                results[i] = {"ok": False, "reason": f"worker lost: {type(e).__name__}"}
-            on_done(i, results[i])
-    return results
