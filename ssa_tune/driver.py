@@ -134,6 +134,19 @@ def sync(study, target: Target, timeout: float = 120.0) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- running
 
 
+def _prepare_tracking(uri: str) -> None:
+    """What the tracking set-up needs that writes nothing in the work dir: imports, the schema template."""
+    try:
+        from mlflow.tracking import MlflowClient  # noqa: F401
+
+        if uri.startswith("sqlite:///"):
+            from .track import _schema_template
+
+            _schema_template()
+    except Exception:  # noqa: BLE001 - the set-up proper reports any problem, in order
+        pass
+
+
 class _Heartbeat:
     """Records every few seconds that this driver is alive, so other drivers leave its trials alone."""
 
@@ -172,8 +185,11 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
     if tune.in_ray_job():  # work from a folder of our own: Ray may unpack the job's folder anew meanwhile
         target.workdir.mkdir(parents=True, exist_ok=True)
         os.chdir(target.workdir)
+    prep = threading.Thread(target=_prepare_tracking, args=(target.tracking,), daemon=True)
+    prep.start()  # MLflow's imports (and, once per machine, its empty schema) while Ray starts
     tune.init_ray(address)
     tune.check_resources(spec)
+    prep.join()
     target.workdir.mkdir(parents=True, exist_ok=True)
     storage = st.open_storage(target.storage)
     tracker = Tracker(target.tracking, study_name, target.workdir / "mlartifacts")

@@ -534,6 +534,10 @@ def _callbacks(spec: JobSpec, study, out: Callable[[str], None], registry: dict)
 
         def on_trial_start(self, iteration, trials, trial, **info):
             registry[trial.trial_id] = trial
+            if trial.config.get(KEY_ROBUST) is None:
+                arm = trial.config.get(KEY_ARM, "")
+                label = f"{arm:<8} " if len(spec.arms) > 1 else ""
+                out(f"  trial {trial.config.get(KEY_NUMBER, '?'):>3} {label}started")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             n = trial.config.get(KEY_NUMBER, "?")
