@@ -164,9 +164,12 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
     typer.echo(f"\nstudy {summary['study']}: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed")
     for arm, ac in summary["trials_by_arm"].items():
         b = summary["best_by_arm"].get(arm)
-        best_txt = f"best #{b['number']} {s.objectives[0].metric} = {_num(b['value'])}" if b else "no complete trial"
+        best_txt = f"best #{b['number']} {s.objectives[0].metric} = {_num(b['value'])}" if b else \
+            f"{len(summary['front_by_arm'].get(arm, []))} on its front" if "front" in summary else "no complete trial"
         typer.echo(f"  {arm:<8} {ac['complete']} complete, {ac['pruned']} pruned, {ac['failed']} failed; {best_txt}")
     best = summary["best"]
+    if "front" in summary:
+        _print_front(summary)
     if robust and robust.get("winner") in robust.get("configs", {}):
         w = robust["summary"][robust["winner"]]
         typer.echo(f"winner {robust['winner']} (robust score over {w['seeds']} fresh seeds): "
@@ -191,6 +194,13 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
 
 def _num(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _print_front(summary: dict) -> None:
+    objectives = summary["objectives"]
+    typer.echo(f"Pareto front ({', '.join(objectives)}): {len(summary['front'])} trial(s)")
+    for m in summary["front"]:
+        typer.echo(f"  #{m['number']:<3} {m['arm']:<8} " + "  ".join(f"{k}={_num(v)}" for k, v in m["values"].items()))
 
 
 @app.command()
@@ -328,6 +338,8 @@ def status(study: Annotated[Optional[str], typer.Argument(help="Study name.")] =
         b = summary["best_by_arm"].get(arm)
         typer.echo(f"  {arm:<8} " + ", ".join(f"{v} {k}" for k, v in ac.items())
                    + (f"; best #{b['number']}: {_num(b['value'])}  {b['params']}" if b else ""))
+    if "front" in summary:
+        _print_front(summary)
     for d in summary["drivers"]:
         typer.echo(f"  running: driver pid {d['pid']} on {d['host']}")
     w = summary["waiting_for_resources"]
@@ -364,6 +376,17 @@ def best(study: Annotated[str, typer.Argument(help="Study name.")], workdir: Wor
     from . import study as st
 
     loaded, target = _open(study, workdir, storage, tracking_uri)
+    if len(loaded.directions) > 1:  # several objectives: the front is the answer
+        from .driver import status as study_status
+
+        summary = study_status(loaded, target)
+        if not summary["front"]:
+            raise UserError(f"study {loaded.study_name!r} has no complete trial yet", field="STUDY")
+        if as_json:
+            _print_json({"objectives": summary["objectives"], "front": summary["front"]})
+        else:
+            _print_front(summary)
+        return
     t = st.best_trial(loaded)
     if t is None:
         raise UserError(f"study {loaded.study_name!r} has no complete trial yet", field="STUDY")
@@ -416,16 +439,33 @@ def studies(workdir: Workdir = None, storage: Storage = None, as_json: AsJson = 
 def export(study: Annotated[str, typer.Argument(help="Study name.")],
            output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
            fmt: Annotated[Optional[str], typer.Option("--format", help="yaml or json (default: by suffix).")] = None,
+           where: Annotated[Optional[list[str]], typer.Option("--where", help="A condition the winner must meet, e.g. \"latency_ms_per_token <= 0.6\" (repeatable).")] = None,
+           pick: Annotated[Optional[str], typer.Option("--pick", help="Among those, the best by this metric (max:METRIC / min:METRIC to say which way).")] = None,
            workdir: Workdir = None, storage: Storage = None, tracking_uri: Tracking = None):
-    """Write the best configuration: its SSAConfig plus the model/training settings and metrics it was measured with."""
+    """Write the best configuration: its SSAConfig plus the model/training settings and metrics it was measured with.
+
+    With --where/--pick (or the spec's `select:`), the winner is chosen by that rule, from the Pareto front of a
+    multi-objective study."""
+    from . import study as st
     from .export import export_best
+    from .selection import Rule, pick_direction
+    from .spec import validate as validate_spec
 
     if fmt is not None and fmt not in ("yaml", "json"):
         raise UserError(f"must be yaml or json, got {fmt!r}", field="--format")
     loaded, target = _open(study, workdir, storage, tracking_uri)
+    rule = None
+    if where or pick:
+        s = validate_spec(st.study_spec(loaded), loaded.user_attrs.get(st.ATTR_SPEC_PATH, study), check_data=False)
+        objectives = {o.metric: o.direction for o in s.objectives}
+        metric, direction = pick_direction(pick or s.objectives[0].metric, objectives)
+        try:
+            rule = Rule.parse(where, metric, direction)
+        except ValueError as e:
+            raise UserError(str(e).split(": ", 1)[1], field="--where") from None
     if fmt is not None and output.suffix.lower() not in (f".{fmt}", ".yml" if fmt == "yaml" else ".json"):
         output = output.with_suffix(f".{fmt}")
-    path, info = export_best(loaded, target, output)
+    path, info = export_best(loaded, target, output, rule)
     typer.echo(f"wrote {path}: trial #{info['trial']} ({info['winner']}, {info['selected_by']}); "
                f"use: ssa_tune.convert(model, ssa_tune.load_config({str(path)!r}))")
 

@@ -264,6 +264,9 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
         summary = status(study, target)
         summary["new_trials"] = len(study.trials) - trials_before
         metrics: dict[str, float] = {f"trials_{k}": v for k, v in summary["trials"].items()}
+        if "front" in summary:  # the Pareto front on the study's run: a tag to read, the members to inspect
+            mirror.tags("study", {"ssa_tune.pareto_front": json.dumps(
+                [{"trial": m["number"], "arm": m["arm"], **m["values"]} for m in summary["front"]])[:5000]})
         for arm, best in summary["best_by_arm"].items():
             if best and isinstance(best["value"], (int, float)):
                 metrics[f"best_value_{arm}"] = best["value"]
@@ -304,10 +307,20 @@ def _trial_row(t) -> dict[str, Any]:
             "value": t.value if len(t.values) == 1 else t.values, "params": dict(t.params)}
 
 
+def front(study, objectives: list[str], directions: list[str], arm: str | None = None) -> list[dict]:
+    """The Pareto front (of one arm), each member with its objective values named by metric."""
+    from .selection import pareto_front
+
+    members = pareto_front(st.rows(study, objectives, arm), objectives, directions)
+    return [{"number": r["number"], "arm": r["arm"], "values": {m: r["metrics"][m] for m in objectives},
+             "params": r["params"]} for r in sorted(members, key=lambda r: r["number"])]
+
+
 def status(study, target: Target) -> dict[str, Any]:
     spec_raw = study.user_attrs.get(st.ATTR_SPEC)
     arms = sorted({st.arm_of(t) for t in study.get_trials(deepcopy=False)})
-    best = st.best_trial(study)
+    multi = len(study.directions) > 1
+    best = None if multi else st.best_trial(study)
     waiting = study.user_attrs.get(st.ATTR_WAITING)
     drivers = st.live_drivers(study)
     tracking = target.tracking
@@ -321,9 +334,19 @@ def status(study, target: Target) -> dict[str, Any]:
         "trials": st.counts(study),
         "trials_by_arm": {a: st.counts(study, a) for a in arms},
         "best": None if best is None else _trial_row(best),
-        "best_by_arm": {a: (None if (b := st.best_trial(study, a)) is None else _trial_row(b)) for a in arms},
+        "best_by_arm": {} if multi else {a: (None if (b := st.best_trial(study, a)) is None else _trial_row(b))
+                                         for a in arms},
         "drivers": [{"id": k, "host": v.get("host"), "pid": v.get("pid")} for k, v in drivers.items()],
         "waiting_for_resources": waiting if waiting and drivers else None,
         "mlflow_pending": sorted(pending_mirror(study)),
         "has_spec": spec_raw is not None,
-    }
+    } | (_fronts(study, spec_raw, arms) if multi and spec_raw else {})
+
+
+def _fronts(study, spec_raw: str, arms: list[str]) -> dict[str, Any]:
+    from .spec import validate
+
+    spec = validate(json.loads(spec_raw), study.user_attrs.get(st.ATTR_SPEC_PATH, study.study_name), check_data=False)
+    objectives, directions = [o.metric for o in spec.objectives], [o.direction for o in spec.objectives]
+    return {"objectives": objectives, "front": front(study, objectives, directions),
+            "front_by_arm": {a: front(study, objectives, directions, a) for a in arms}}

@@ -27,20 +27,39 @@ def _metrics(target, run_id: str | None) -> dict[str, Any]:
         return {}
 
 
-def winner(study) -> dict[str, Any]:
-    """What the study recommends: the robustness stage's winner when it ran (a trial, or the baseline's
-    default configuration when no baseline trial finished), else the best trial of the search."""
+def winner(study, spec, rule=None) -> dict[str, Any]:
+    """What the study recommends: with a rule (--where/--pick, or the spec's `select:`), the trial it picks
+    (from the Pareto front of a multi-objective study); else the robustness stage's winner when it ran (a
+    trial, or the baseline's default configuration when no baseline trial finished); else the search's best."""
     from .robustness import ATTR_ROBUSTNESS
+    from .selection import pareto_front
 
     rob = study.user_attrs.get(ATTR_ROBUSTNESS)
+    if rule is not None and not (rob and rob.get("rule") == rule.to_dict() and rob.get("winner")):
+        objectives = [o.metric for o in spec.objectives]
+        rows = st.rows(study, objectives)
+        pool = pareto_front(rows, objectives, [o.direction for o in spec.objectives]) if spec.multi_objective else rows
+        chosen = rule.choose(pool)
+        if chosen is None:
+            shown = "; ".join(f"#{r['number']} " + ", ".join(f"{m}={_g(r['metrics'].get(m))}" for m in sorted(rule.metrics))
+                              for r in pool[:6]) or "no complete trial"
+            raise UserError(f"no {'front member' if spec.multi_objective else 'complete trial'} satisfies "
+                            f"{' and '.join(map(str, rule.where))} ({shown})", field="--where")
+        t = study.trials[chosen["number"]]
+        return {"id": chosen["id"], "trial": t, "params": dict(t.params), "robust": None, "rob": rob, "rule": rule,
+                "selected_by": f"rule over the {'Pareto front' if spec.multi_objective else 'complete trials'} "
+                               f"(one seed each): {rule.describe()}"}
     if rob and rob.get("winner"):
         cid = rob["winner"]
         row = rob["summary"][cid]
         trial = study.trials[int(cid.split("-", 1)[1])] if cid.startswith("trial-") else None
         fails = f", {row.get('failed', 0)} failed" if row.get("failed") else ""
+        by = (f"robust score over {row['seeds']} fresh seeds{fails}: {rob['objective']} "
+              f"{row['mean']:.6g} +- {row['std']:.6g} (penalty {rob['penalty']})")
+        if rob.get("rule"):
+            by += f"; among the front members where {' and '.join(rob['rule']['where']) or 'anything'}"
         return {"id": cid, "trial": trial, "params": dict(rob["configs"][cid]), "robust": row, "rob": rob,
-                "selected_by": (f"robust score over {row['seeds']} fresh seeds{fails}: {rob['objective']} "
-                                f"{row['mean']:.6g} +- {row['std']:.6g} (penalty {rob['penalty']})")}
+                "selected_by": by, "rule": rob.get("rule")}
     t = st.best_trial(study)
     if t is None:
         raise UserError(f"study {study.study_name!r} has no complete trial to export", field="STUDY")
@@ -48,9 +67,30 @@ def winner(study) -> dict[str, Any]:
             "selected_by": "best search objective (one seed; no robustness stage ran)"}
 
 
-def export_best(study, target, path: Path) -> tuple[Path, dict[str, Any]]:
-    w = winner(study)
+def spec_rule(spec):
+    """The spec's own `select:` rule, if it has one."""
+    from .selection import Rule, pick_direction
+
+    sel = getattr(spec, "select", None)
+    if not sel:
+        return None
+    metric, direction = pick_direction(sel["pick"], {o.metric: o.direction for o in spec.objectives})
+    return Rule.parse(sel.get("where"), metric, direction)
+
+
+def _g(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def export_best(study, target, path: Path, rule=None) -> tuple[Path, dict[str, Any]]:
     spec = validate(st.study_spec(study), study.user_attrs.get(st.ATTR_SPEC_PATH, study.study_name), check_data=False)
+    if rule is None:
+        rule = spec_rule(spec)
+    if rule is None and spec.multi_objective:
+        raise UserError("a multi-objective study has a Pareto front, not one best trial: say how to choose, e.g. "
+                        f"--pick {spec.objectives[0].metric} --where \"{spec.objectives[1].metric} <= ...\" "
+                        "(or a `select:` section in the spec)", field="--pick")
+    w = winner(study, spec, rule)
     dataset, model, train, ssa = spec.trial_config(w["params"])
     kind = "ssa" if ssa is not None else "baseline"
     t = w["trial"]
@@ -66,7 +106,9 @@ def export_best(study, target, path: Path) -> tuple[Path, dict[str, Any]]:
             "direction": objective.direction,
             "value": None if t is None else (t.value if len(t.values) == 1 else list(t.values)),
             "storage": st.redact(target.storage), "tracking_uri": st.redact(target.tracking), "mlflow_run_id": run_id}
+    rule_used = w.get("rule")
     source = {"winner": kind, "selected_by": w["selected_by"],
+              **({"rule": rule_used.to_dict() if hasattr(rule_used, "to_dict") else rule_used} if rule_used else {}),
               "note": "SSA settings of the winning configuration" if kind == "ssa" else
               "the baseline (plain attention) won; this SSAConfig is the identity (convert leaves the model as it is)"}
     if w["robust"] is not None:
@@ -79,5 +121,5 @@ def export_best(study, target, path: Path) -> tuple[Path, dict[str, Any]]:
             source["verdict"] = rob["verdict"]["answer"]
     path = save_config(ssa or IDENTITY, path, model=model.to_dict(), train=train.to_dict(), dataset=dataset,
                        metrics=metrics, study=info, source=source)
-    return path, {"trial": info["trial"] if info["trial"] is not None else w["id"], "winner": kind,
-                  "selected_by": "robust score" if w["robust"] is not None else "search best"}
+    how = "robust score" if w["robust"] is not None else "rule" if rule_used else "search best"
+    return path, {"trial": info["trial"] if info["trial"] is not None else w["id"], "winner": kind, "selected_by": how}

@@ -58,6 +58,7 @@ T_RUN = "ssa_tune.mlflow_run_id"
 T_REASON = "ssa_tune.fail_reason"
 T_RETRY_OF = "ssa_tune.retry_of"
 T_PRUNED_AT = "ssa_tune.pruned_at_step"
+T_FINAL = "ssa_tune.final_metrics"  # {metric: its last value} of a finished trial
 T_NODE = "ssa_tune.node"  # {"node_id", "ip", "hostname"} of the Ray node the trial ran on
 
 HEARTBEAT_S = 10.0  # a driver records that it is alive this often
@@ -458,6 +459,20 @@ def best_trial(study: optuna.Study, arm: str | None = None):
         sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
         return min(done, key=lambda t: (sign * t.values[0], t.number))
     return study.best_trials[0] if study.best_trials else None
+
+
+def rows(study: optuna.Study, objectives: list[str], arm: str | None = None) -> list[dict]:
+    """The COMPLETE trials as rows for `selection`: their final metrics and objective values by name."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if arm is not None and arm_of(t) != arm or not t.values:
+            continue
+        metrics = dict(t.user_attrs.get(T_FINAL) or {})
+        for name, v in zip(objectives, t.values):
+            metrics[name] = v
+        out.append({"id": f"trial-{t.number}", "number": t.number, "arm": arm_of(t), "metrics": metrics,
+                    "params": dict(t.params)})
+    return out
 
 
 def run_id(study: optuna.Study, trial) -> str | None:

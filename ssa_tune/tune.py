@@ -403,6 +403,10 @@ def _searcher_class():
             ts = {"FAIL": TrialState.FAIL, "PRUNED": TrialState.PRUNED, "COMPLETE": TrialState.COMPLETE}[state]
             if reason:
                 storage.set_trial_user_attr(ot._trial_id, st.T_REASON, reason)
+            if result:  # every metric's last value, so rules (--where) can read them without MLflow
+                final = {k: float(v) for k, v in result.items() if k not in _RAY_KEYS and isinstance(v, (int, float))
+                         and not isinstance(v, bool) and math.isfinite(v) and not k.startswith(("layer", "probe."))}
+                storage.set_trial_user_attr(ot._trial_id, st.T_FINAL, final)
             # Optuna takes no value with FAIL, and records a PRUNED trial's last intermediate value itself
             told = None if state != "COMPLETE" else (values[0] if len(values) == 1 else values)
             try:
@@ -578,13 +582,17 @@ def _callbacks(spec: JobSpec, study, out: Callable[[str], None], registry: dict)
                 study.set_user_attr(st.ATTR_WAITING, None)
 
         def done(self, number, state, values, reason, arm):
+            label = f"{arm:<8} " if len(spec.arms) > 1 else ""
+            detail = f" ({reason})" if reason else ""
+            if spec.multi_objective:  # no single best: every objective of the trial
+                shown = "  ".join(f"{o.metric}={_fmt(v)}" for o, v in zip(spec.objectives, values or [None] * 9))
+                out(f"  trial {number:>3} {label}{state:<8} {shown}{detail}")
+                return
             v = values[0] if values else None
             best = self.best.get(arm)
             if state == "COMPLETE" and v is not None and (best is None or sign * v < sign * best[0]):
                 self.best[arm] = (v, number)
             tail = "   ".join(f"best {a} #{b[1]} {objective.metric}={_fmt(b[0])}" for a, b in sorted(self.best.items()))
-            detail = f" ({reason})" if reason else ""
-            label = f"{arm:<8} " if len(spec.arms) > 1 else ""
             out(f"  trial {number:>3} {label}{state:<8} {objective.metric}={_fmt(v)}{detail}   {tail}")
 
     from ray.tune.stopper import Stopper
