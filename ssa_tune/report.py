@@ -83,6 +83,8 @@ def build(study: optuna.Study, target: Target, out_dir: Path, repeats: int = ana
         "noise": (robust or {}).get("noise"),
         "verdict": verdict,
     }
+    if spec.multi_objective:
+        report["pareto"] = _front_data(study, spec)
     pngs = _pngs(study, report, out_dir)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out_dir / "report.html").write_text(_html(study, spec, report, imps))
@@ -139,6 +141,49 @@ def _robustness_figure(report: dict):
     return fig
 
 
+ARM_COLOURS = {"baseline": "#8250df", "ssa": "#1a7f37"}
+
+
+def _front_data(study: optuna.Study, spec) -> dict:
+    from .driver import front
+
+    objectives, directions = [o.metric for o in spec.objectives], [o.direction for o in spec.objectives]
+    rows = st.rows(study, objectives)
+    on_front = {m["number"] for m in front(study, objectives, directions)}
+    return {"objectives": objectives, "directions": directions,
+            "trials": [{"number": r["number"], "arm": r["arm"], "values": [r["metrics"][o] for o in objectives],
+                        "on_front": r["number"] in on_front} for r in rows],
+            "front_by_arm": {arm: [m["number"] for m in front(study, objectives, directions, arm)] for arm in spec.arms}}
+
+
+def _front_figure(study: optuna.Study, spec):
+    """The first two objectives: every complete trial by arm, each arm's own front as a line, the study's
+    front filled, dominated trials hollow."""
+    import plotly.graph_objects as go
+
+    data = _front_data(study, spec)
+    x_name, y_name = data["objectives"][:2]
+    fig = go.Figure()
+    for arm in spec.arms:
+        mine = [t for t in data["trials"] if t["arm"] == arm]
+        colour = ARM_COLOURS.get(arm, "#0969da")
+        fig.add_trace(go.Scatter(
+            x=[t["values"][0] for t in mine], y=[t["values"][1] for t in mine], mode="markers", name=f"{arm} trials",
+            marker=dict(color=colour, size=10, symbol=["circle" if t["on_front"] else "circle-open" for t in mine]),
+            hovertext=[f"trial {t['number']} ({arm}){' on the front' if t['on_front'] else ', dominated'}"
+                       for t in mine]))
+        members = sorted((t for t in mine if t["number"] in data["front_by_arm"][arm]), key=lambda t: t["values"][0])
+        if members:
+            fig.add_trace(go.Scatter(x=[t["values"][0] for t in members], y=[t["values"][1] for t in members],
+                                     mode="lines", line=dict(color=colour, dash="dot", shape="hv"),
+                                     name=f"{arm} front"))
+    fig.update_layout(title="Pareto front: filled = on the study's front, hollow = dominated; dotted = each arm's "
+                      "own front", xaxis_title=f"{x_name} ({data['directions'][0]})",
+                      yaxis_title=f"{y_name} ({data['directions'][1]})", height=460,
+                      margin=dict(l=10, r=10, t=50, b=40))
+    return fig
+
+
 def _div(fig, cls: str = "plot") -> str:
     return f'<div class="{cls}">{fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})}</div>'
 
@@ -150,7 +195,7 @@ def _search_figures(study: optuna.Study, spec, imps) -> list[str]:
     figs = []
     if len(spec.objectives) > 1:
         if len(done) >= 1:
-            figs.append(_div(vis.plot_pareto_front(study, target_names=[o.metric for o in spec.objectives]), "plot wide"))
+            figs.append(_div(_front_figure(study, spec), "plot wide"))
         return figs
     figs.append(_div(vis.plot_optimization_history(study, target_name=spec.objectives[0].metric)))
     if any(t.intermediate_values for t in study.trials):
@@ -203,6 +248,26 @@ def _pngs(study: optuna.Study, report: dict, out_dir: Path) -> list[str]:
         fig.savefig(out_dir / "robustness.png", dpi=110)
         plt.close(fig)
         files.append("robustness.png")
+    if report.get("pareto") and report["pareto"]["trials"]:
+        p = report["pareto"]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for arm in {t["arm"] for t in p["trials"]}:
+            mine = [t for t in p["trials"] if t["arm"] == arm]
+            colour = ARM_COLOURS.get(arm, "#0969da")
+            for t in mine:
+                ax.plot(t["values"][0], t["values"][1], "o", color=colour, mfc=colour if t["on_front"] else "none")
+            members = sorted((t for t in mine if t["number"] in p["front_by_arm"].get(arm, [])),
+                             key=lambda t: t["values"][0])
+            ax.step([t["values"][0] for t in members], [t["values"][1] for t in members], where="post",
+                    color=colour, ls=":", label=f"{arm} front")
+        ax.set_xlabel(p["objectives"][0])
+        ax.set_ylabel(p["objectives"][1])
+        ax.set_title("Pareto front (filled: on the study's front; hollow: dominated)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "front.png", dpi=110)
+        plt.close(fig)
+        files.append("front.png")
     if len(study.directions) == 1 and any(t.state == TrialState.COMPLETE for t in study.trials):
         from optuna.visualization.matplotlib import plot_optimization_history
 
@@ -278,13 +343,20 @@ def _html(study: optuna.Study, spec, report: dict, imps: dict) -> str:
     else:
         vclass = "helps" if v["answer"].startswith("SSA helps") else "hurts" if v["answer"].startswith("SSA hurts") else "unclear"
         verdict_html = f'<p class="big">{html.escape(v["answer"].split(":")[0])}</p><p>{html.escape(v["answer"])}</p>'
-        verdict_html += _summary_table(report, v)
+        if report.get("confirmation"):
+            verdict_html += _summary_table(report, v)
     winner = report["winner"]
     rob = report["robustness"]
     if winner and rob and winner in rob:
         winner_html = (f'<p class="big">{html.escape(winner)}</p><p>{html.escape(_config_label(rob[winner]["params"]))}</p>'
                        f'<p>{metric} {_fmt(rob[winner]["mean"])} ± {_fmt(rob[winner]["std"])} over {len(rob[winner]["seeds"])} '
                        f'fresh seeds; chosen by {html.escape(report["winner_selected_by"])}.</p>')
+    elif report.get("pareto"):
+        n = sum(t["on_front"] for t in report["pareto"]["trials"])
+        winner_html = (f'<p class="big">a front of {n} trial(s)</p><p>Several objectives: no single best. Choose with '
+                       '<code>ssa-tune export STUDY --where "METRIC &lt;= X" --pick METRIC</code>, or a '
+                       '<code>select:</code> section in the spec (the robustness stage then re-trains the front '
+                       'members it allows).</p>')
     elif report["best_trial"]:
         b = report["best_trial"]
         winner_html = (f'<p class="big">trial-{b["number"]}</p><p>{html.escape(_config_label(b["params"]))}</p>'

@@ -450,15 +450,14 @@ def budget_used(study: optuna.Study, arm: str | None = None) -> int:
 
 
 def best_trial(study: optuna.Study, arm: str | None = None):
-    """The best COMPLETE trial (single objective; of one arm when given), or the first of the Pareto front."""
+    """The best COMPLETE trial (of one arm when given) by the first objective. (A multi-objective study has a
+    front rather than one best: this is the front member best on the first objective.)"""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.values and (arm is None or arm_of(t) == arm)]
     if not done:
         return None
-    if len(study.directions) == 1:
-        sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
-        return min(done, key=lambda t: (sign * t.values[0], t.number))
-    return study.best_trials[0] if study.best_trials else None
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
+    return min(done, key=lambda t: (sign * t.values[0], t.number))
 
 
 def rows(study: optuna.Study, objectives: list[str], arm: str | None = None) -> list[dict]:
