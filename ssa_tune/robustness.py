@@ -59,23 +59,41 @@ class Plan:
     stores them on the study and returns them."""
 
     def __init__(self, study, spec: JobSpec, out: Callable[[str], None] = print):
+        from .export import spec_rule
+        from .selection import pareto_front
+        from .spec import Objective
+
         self.study, self.spec, self.out = study, spec, out
         r = self.r = {**DEFAULTS, **(spec.robustness or {})}
-        self.objective = spec.objectives[0]
+        # with a `select:` rule the stage ranks by its pick metric and keeps to its conditions: stability is
+        # the third axis of the configurations the rule allows
+        self.rule = spec_rule(spec)
+        self.objective = Objective(self.rule.pick, self.rule.direction) if self.rule else spec.objectives[0]
         sign = 1 if self.objective.direction == "minimize" else -1
-        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.values and math.isfinite(t.values[0])]
-        if not done:
-            raise UserError(f"study {study.study_name!r} has no complete trial to re-run", field="STUDY")
-        self.configs = {f"trial-{t.number}": dict(t.params) for t in analyse.pick_top(study, int(r["top_k"]))}
-        self.arms = {f"trial-{t.number}": st.arm_of(t) for t in done}
+        names = [o.metric for o in spec.objectives]
+        rows = {row["number"]: row for row in st.rows(study, names)}
+        pool = list(rows.values())
+        if spec.multi_objective:
+            pool = pareto_front(pool, names, [o.direction for o in spec.objectives])
+        if self.rule:
+            pool = self.rule.satisfied(pool)
+        pool = [row for row in pool if isinstance(row["metrics"].get(self.objective.metric), (int, float))
+                and math.isfinite(row["metrics"][self.objective.metric])]
+        if not pool:
+            raise UserError(f"study {study.study_name!r} has no complete trial to re-run"
+                            + (f" that satisfies {self.rule.describe()}" if self.rule else ""), field="STUDY")
+        pool.sort(key=lambda row: (sign * row["metrics"][self.objective.metric], row["number"]))
+        seen: set[str] = set()  # a configuration once (a re-run of a lost trial has the same parameters)
+        pool = [row for row in pool if not (repr(sorted(row["params"].items())) in seen
+                                            or seen.add(repr(sorted(row["params"].items()))))]
+        self.configs = {row["id"]: dict(row["params"]) for row in pool[:int(r["top_k"])]}
+        self.arms = {row["id"]: row["arm"] for row in rows.values()}
         self.best_of_arm: dict[str, str] = {}
         for arm in spec.arms:
-            members = [t for t in done if st.arm_of(t) == arm]
+            members = [row for row in pool if row["arm"] == arm]
             if members:
-                b = min(members, key=lambda t: (sign * t.values[0], t.number))
-                self.best_of_arm[arm] = f"trial-{b.number}"
-                self.configs.setdefault(self.best_of_arm[arm], dict(b.params))
+                self.best_of_arm[arm] = members[0]["id"]
+                self.configs.setdefault(members[0]["id"], dict(members[0]["params"]))
         if len(spec.arms) > 1 and "baseline" not in self.best_of_arm:  # no baseline finished: its default runs
             self.configs["baseline"] = spec.baseline_params()
             self.arms["baseline"] = self.best_of_arm["baseline"] = "baseline"
@@ -166,6 +184,13 @@ class Plan:
         _, _, flags = self._long_context()
         self.eligible = [c for c in self.summary
                          if self.summary[c]["score"] is not None and not (self.r["constraint"] and flags.get(c))]
+        if self.rule and self.rule.where:  # the rule's conditions hold for the mean over the seeds too
+            means = {}
+            for cond in self.rule.where:
+                for cid, vals in self.table("select", "main", cond.metric).items():
+                    ok = [v for v in vals if v is not None]
+                    means.setdefault(cid, {})[cond.metric] = statistics.fmean(ok) if ok else None
+            self.eligible = [c for c in self.eligible if all(cond.holds(means.get(c, {})) for cond in self.rule.where)]
         for arm in self.spec.arms:
             ids = [c for c in self.eligible if self.arms.get(c) == arm]
             if ids:
@@ -207,6 +232,7 @@ class Plan:
             "noise": {"metric": objective.metric, "values": noise} if noise else None,
             "winner": winner, "chosen": self.chosen, "best_ssa": self.chosen.get("ssa"),
             "confirmation": confirmation, "verdict": verdict,
+            "rule": self.rule.to_dict() if self.rule else None,
         }
         self.study.set_user_attr(ATTR_ROBUSTNESS, json.loads(json.dumps(report, default=str)))
         if winner:
