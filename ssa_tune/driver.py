@@ -252,7 +252,11 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
             if st.best_trial(study) is None:
                 out("robustness: no complete trial to re-run")
                 return None
-            return Plan(study, spec, out)
+            try:
+                return Plan(study, spec, out)
+            except UserError as e:  # e.g. no trial meets the spec's `select:` conditions: say so, keep the search
+                out(f"robustness: skipped: {e.reason}")
+                return None
 
         try:
             plan = tune.fit(spec, study, target.storage, target.workdir, mirror, driver, budgets, out, make_plan)
