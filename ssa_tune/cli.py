@@ -149,7 +149,7 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
         os.dup2(2, 1)
     summary = run_study(s, target, resume=resume, n_trials=trials, address=address, out=say)
     robust = None
-    if s.robustness is not None and summary["best"] is not None:
+    if s.robustness is not None and summary["trials"]["complete"]:
         loaded = optuna.load_study(study_name=summary["study"], storage=st.open_storage(target.storage))
         robust = loaded.user_attrs.get(ATTR_ROBUSTNESS)
         rep = _write_report(loaded, target, None, say)

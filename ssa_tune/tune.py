@@ -455,8 +455,8 @@ def _arm_scheduler(spec: JobSpec, max_t: int, time_attr: str, grace: int):
                                      TrialScheduler)
 
     s = spec.scheduler
-    objective = spec.objectives[0]
-    om = {"metric": objective.metric, "mode": "min" if objective.direction == "minimize" else "max"}
+    metric, mode = spec.scheduler_metric  # a metric of every evaluation (validated)
+    om = {"metric": metric, "mode": mode}
 
     def make():
         if s["kind"] == "asha":
@@ -468,7 +468,7 @@ def _arm_scheduler(spec: JobSpec, max_t: int, time_attr: str, grace: int):
             return MedianStoppingRule(time_attr=time_attr, grace_period=grace, min_samples_required=3, **om)
         return FIFOScheduler()
 
-    if s["kind"] == "none" or spec.multi_objective:
+    if s["kind"] == "none":
         return FIFOScheduler()
 
     class ArmScheduler(TrialScheduler):

@@ -46,7 +46,7 @@ BAD_SPECS = [
     ("unknown-resource", {"resources": {"gpu": 1}}, "resources.gpu: unknown key"),
     ("bad-objective", {"objective": {"metric": "val_loss", "direction": "down"}}, "objective.direction: must be"),
     ("multi-objective-with-asha", {"objective": [{"metric": "val_loss"}, {"metric": "latency_ms_per_token"}]},
-     "scheduler.kind: early stopping needs a single objective"),
+     "scheduler.metric: several objectives: say which metric early stopping watches"),
 ]
 
 

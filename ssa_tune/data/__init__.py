@@ -35,6 +35,10 @@ _CLASSES: dict[str, type[Dataset]] = {
     "passkey": Passkey, "markov": Markov, "noisy": Noisy, "text": Text, "tokens": Tokens, "builtin": Builtin,
 }
 DATASET_KINDS: tuple[str, ...] = tuple(_CLASSES)
+# what a kind reports beside its losses: "acc" (val_acc, test_acc), "gap" to the optimal loss (val_gap,
+# test_gap), "probes" (passkey_acc and one probe.* per length x depth cell)
+KIND_REPORTS: dict[str, tuple[str, ...]] = {"passkey": ("acc", "probes"), "markov": ("gap",), "noisy": ("acc",),
+                                            "text": (), "tokens": (), "builtin": ()}
 KIND_PARAMS: dict[str, set[str]] = {**_SYNTH_PARAMS, **_CORPUS_PARAMS}
 
 
@@ -64,6 +68,6 @@ def build_dataset(spec: dict[str, Any], seed: int = 0) -> Dataset:
 
 
 __all__ = [
-    "DATASET_KINDS", "IGNORE", "KIND_PARAMS", "Builtin", "DataError", "Dataset", "Markov", "Noisy", "Passkey",
+    "DATASET_KINDS", "IGNORE", "KIND_PARAMS", "KIND_REPORTS", "Builtin", "DataError", "Dataset", "Markov", "Noisy", "Passkey",
     "StreamDataset", "Text", "Tokens", "build_dataset", "check_dataset", "passkey_accuracy", "sequence_accuracy",
 ]
