@@ -96,10 +96,10 @@ def test_two_objectives_with_an_end_of_trial_metric(tmp_path, sampler):
     best_trials; status/best/--json name each value by metric; export picks by a rule or refuses in one line;
     the report plots the front."""
     spec = _spec(tmp_path, {"objective": TWO, "scheduler": {"kind": "none"}, "sampler": {"kind": sampler, "seed": 0},
-                            "budget": {"n_trials": 6}, "train": {"max_steps": 20, "eval_every": 10}})
+                            "budget": {"n_trials": 4}, "train": {"max_steps": 20, "eval_every": 10}})
     wd = tmp_path / "wd"
     summary = json.loads(run_cli("run", spec, "--workdir", wd, "--json").stdout)
-    assert summary["trials"]["complete"] == 6 and summary["trials"]["running"] == 0
+    assert summary["trials"]["complete"] == 4 and summary["trials"]["running"] == 0
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{wd / 'optuna.db'}")
     assert sorted(m["number"] for m in summary["front"]) == sorted(t.number for t in study.best_trials)
     for m in summary["front"]:
