@@ -19,6 +19,15 @@ The text: --text FILE, else the first --lines lines without `<unk>` of /work/sha
 Prints ONE JSON line: what was written, the timings and the perplexities.
 
     python benchmarks/smollm2.py --out models/smollm2-135m [--wheel FILE] [--cache-dir DIR] [--text FILE]
+
+After a study of search_spaces/smollm2.yaml (`ssa-tune run search_spaces/smollm2.yaml --set
+dataset.path=TEXT --workdir DIR`), `--study-summary DIR` prints ONE JSON line with what the README reports:
+held-out perplexity before fine-tuning (every run measures it at step 0: `val_ppl_at_start`), after the
+baseline fine-tune and after the best SSA fine-tune (the robustness stage's runs of each arm's chosen
+configuration, mean and spread over their seeds), and the costs of each (tokens/s, decode ms per generated
+token, peak memory), with the study's wall time.
+
+    python benchmarks/smollm2.py --study-summary /tmp/smollm2-study [--study smollm2]
 """
 
 from __future__ import annotations
@@ -89,6 +98,74 @@ def perplexity(model, ids: torch.Tensor) -> float:
     return math.exp(model(ids, labels=ids).loss.item())
 
 
+# ------------------------------------------------------------------------------------ a study's numbers
+
+SUMMARY_METRICS = ("val_ppl_at_start", "val_loss_at_start", "val_loss", "val_ppl", "test_ppl", "tokens_per_s",
+                   "latency_ms_per_token", "peak_mem_mb", "trainable_params", "ssa_params", "n_params")
+
+
+def _spread(values: list[float]) -> dict:
+    import statistics
+
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"n": 0}
+    out = {"mean": statistics.fmean(values), "n": len(values), "min": min(values), "max": max(values)}
+    out["std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def study_summary(workdir: Path, name: str) -> dict:
+    """Per arm: the search's best trial, and the robustness runs (selection and confirmation seeds) of the
+    configuration the stage chose for that arm, from the study (Optuna) and its runs (MLflow)."""
+    from datetime import datetime
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from ssa_tune import study as st
+    from ssa_tune.robustness import ATTR_ROBUSTNESS
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{workdir / 'optuna.db'}")
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    rob = study.user_attrs.get(ATTR_ROBUSTNESS) or {}
+    chosen = rob.get("chosen", {})
+    out: dict = {"study": name, "trials": {}, "arms": {}, "verdict": (rob.get("verdict") or {}).get("answer")}
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for t in study.trials:
+        out["trials"][t.state.name.lower()] = out["trials"].get(t.state.name.lower(), 0) + 1
+    starts = [t.datetime_start for t in study.trials if t.datetime_start]
+    ends = [t.datetime_complete for t in study.trials if t.datetime_complete]
+    ends += [datetime.fromtimestamp(r.info.end_time / 1000) for r in runs if r.info.end_time]  # local, as Optuna
+    if starts and ends:
+        out["wall_s_first_trial_to_last_run"] = round((max(ends) - min(starts)).total_seconds(), 1)
+    by_id = {r.info.run_id: r for r in runs}
+    for arm in ("baseline", "ssa"):
+        members = [t for t in done if st.arm_of(t) == arm]
+        if not members:
+            continue
+        best = min(members, key=lambda t: t.value)
+        run = by_id.get(st.run_id(study, best))
+        row = {"search_best": {"trial": best.number, "params": best.params,
+                               **({k: run.data.metrics.get(k) for k in SUMMARY_METRICS} if run else {})}}
+        cid = chosen.get(arm)
+        if cid:
+            row["config"] = cid
+            row["params"] = rob.get("configs", {}).get(cid)
+            for stage in ("select", "confirm"):
+                rs = [r for r in runs if r.data.tags.get("ssa_tune.role") == "robustness"
+                      and r.data.tags.get("ssa_tune.config") == cid and r.data.tags.get("ssa_tune.stage") == stage
+                      and r.data.tags.get("ssa_tune.variant", "main") == "main"]
+                row[stage] = {"seeds": sorted(int(r.data.tags["ssa_tune.seed"]) for r in rs)}
+                for k in SUMMARY_METRICS:
+                    row[stage][k] = _spread([r.data.metrics.get(k) for r in rs])
+        out["arms"][arm] = row
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "models" / "smollm2-135m", help="the folder to write")
@@ -99,7 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lines", type=int, default=20, help="lines of the default text (default 20)")
     ap.add_argument("--max-tokens", type=int, default=1024, help="perplexity on at most this many tokens")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--study-summary", type=Path, metavar="WORKDIR",
+                    help="print the numbers of a finished smollm2 study in WORKDIR instead (nothing is converted)")
+    ap.add_argument("--study", default="smollm2", help="the study's name for --study-summary (default smollm2)")
     args = ap.parse_args(argv)
+    if args.study_summary is not None:
+        result = study_summary(args.study_summary, args.study)
+        print(json.dumps(result))
+        return result
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -1,5 +1,6 @@
-"""The frozen configs: SSAConfig (every knob of Selective Self-Attention), GPTConfig (the built-in model) and
-TrainConfig (one training run), plus the SSA config file format.
+"""The frozen configs: SSAConfig (every knob of Selective Self-Attention), GPTConfig (the built-in model),
+HFModelConfig (a local Hugging Face checkpoint to fine-tune) and TrainConfig (one training run), plus the SSA
+config file format.
 
 No torch and no I/O beyond `save_config` / `load_config`, so a config can be built, validated, logged to
 MLflow and sampled by Optuna anywhere (`ssa-tune validate` never imports torch). Choices are strings
@@ -163,8 +164,10 @@ class SSAConfig:
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """The built-in decoder (`ssa_tune.GPT`): sizes, position encoding, causal or not."""
+    """The built-in decoder (`ssa_tune.GPT`): sizes, position encoding, causal or not (`model.kind: gpt`, the
+    default of a job spec's `model:` section)."""
 
+    kind: Literal["gpt"] = "gpt"
     vocab_size: int = 256
     seq_len: int = 128
     n_layer: int = 2
@@ -177,6 +180,7 @@ class GPTConfig:
     causal: bool = True
 
     def __post_init__(self) -> None:
+        checks.choice("kind", self.kind, ("gpt",))
         for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model", "mlp_ratio"):
             checks.integer(name, getattr(self, name), lo=1)
         if self.d_model % self.n_head:
@@ -196,6 +200,116 @@ class GPTConfig:
         return from_dict(cls, data, "model")
 
 
+# model_type (config.json) -> the transformers class `ssa_tune.hf` converts; kept here, torch-free, so that
+# `ssa-tune validate` can check a checkpoint without importing transformers (tests/test_hf.py checks that the
+# two lists agree)
+HF_MODEL_TYPES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM",
+}
+HF_DTYPES = ("float32", "bfloat16", "float16")
+HF_ATTENTION = ("sdpa", "eager")
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+HF_TOKENIZER_VOCAB = ("vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
+
+
+@dataclass(frozen=True)
+class HFModelConfig:
+    """A local Hugging Face causal LM to fine-tune in every trial (`model: {kind: hf, path: DIR}`).
+
+    path                 a folder written by `save_pretrained` (config.json, the weights, and usually the
+                         tokenizer); its model_type must be one `ssa_tune.hf` converts (HF_MODEL_TYPES)
+    dtype                the dtype the weights are loaded in (float32 on CPUs; bfloat16 halves memory on GPUs)
+    attn_implementation  the attention kernel the model is loaded with; SSA keeps whichever it is
+    """
+
+    kind: Literal["hf"] = "hf"
+    path: str = ""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+
+    def __post_init__(self) -> None:
+        checks.choice("kind", self.kind, ("hf",))
+        if hasattr(self.path, "__fspath__"):
+            object.__setattr__(self, "path", str(self.path))
+        if not isinstance(self.path, str) or not self.path:
+            raise ValueError("path: required for kind hf (a local Hugging Face checkpoint folder)")
+        checks.choice("dtype", self.dtype, HF_DTYPES)
+        checks.choice("attn_implementation", self.attn_implementation, HF_ATTENTION)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HFModelConfig":
+        return from_dict(cls, data, "model")
+
+
+ModelConfig = Union[GPTConfig, HFModelConfig]
+MODEL_KINDS = ("gpt", "hf")
+
+
+def model_config(data: Any) -> ModelConfig:
+    """The model config a spec's `model:` section describes: `kind: gpt` (the default) or `kind: hf`."""
+    if not isinstance(data, dict):
+        raise ValueError(f"model: must be a mapping, got {type(data).__name__}")
+    kind = data.get("kind", "gpt")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind: must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
+    return HFModelConfig.from_dict(data) if kind == "hf" else GPTConfig.from_dict(data)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What validation reads from a checkpoint's config.json (no torch, no transformers)."""
+
+    path: str
+    model_type: str
+    n_layer: int
+    max_positions: int | None
+    vocab_size: int | None
+    has_tokenizer: bool
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Check that `path` is a Hugging Face checkpoint folder `ssa_tune.hf` can fine-tune, from its files and
+    config.json alone. Errors read "DIR: reason" (the caller names the field)."""
+    d = Path(path)
+    if not d.exists():
+        raise ValueError(f"{path}: no such directory")
+    if not d.is_dir():
+        raise ValueError(f"{path}: not a directory (a Hugging Face checkpoint folder is expected)")
+    f = d / "config.json"
+    if not f.is_file():
+        raise ValueError(f"{path}: no config.json there (not a Hugging Face checkpoint folder)")
+    try:
+        data = json.loads(f.read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read config.json: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: config.json is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: config.json must hold a JSON object")
+    model_type = data.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"{path}: model_type {model_type!r} is not supported (supported: "
+                         f"{', '.join(sorted(HF_MODEL_TYPES))})")
+    n_layer = data.get("num_hidden_layers", data.get("n_layer"))
+    if isinstance(n_layer, bool) or not isinstance(n_layer, int) or n_layer < 1:
+        raise ValueError(f"{path}: config.json has no number of layers (num_hidden_layers)")
+    if not any((d / w).is_file() for w in HF_WEIGHTS):
+        raise ValueError(f"{path}: no model weights there ({', '.join(HF_WEIGHTS)})")
+    positions = data.get("max_position_embeddings", data.get("n_positions"))
+    vocab = data.get("vocab_size")
+    has_tokenizer = (d / "tokenizer.json").is_file() or (
+        (d / "tokenizer_config.json").is_file() and any((d / v).is_file() for v in HF_TOKENIZER_VOCAB))
+    return Checkpoint(str(path), model_type, n_layer, positions if isinstance(positions, int) else None,
+                      vocab if isinstance(vocab, int) else None, has_tokenizer)
+
+
 FREEZE_MODES = ("none", "base", "below")
 
 
@@ -203,8 +317,18 @@ FREEZE_MODES = ("none", "base", "below")
 class TrainConfig:
     """One training run: AdamW with warm-up + cosine, evaluation every `eval_every` steps.
 
-    freeze  none: train every parameter; base: only the SSA parameters; below: the converted layers and
-            everything above them (the lowest converted layer and up), the layers below stay frozen.
+    freeze  which parameters train (the same for the built-in GPT and a Hugging Face checkpoint; see
+            `ssa_tune.optim.freeze`):
+            none   every parameter;
+            base   the SSA parameters only, the model itself stays as it was. A model without SSA has
+                   nothing to train then, so a study's baseline arm cannot use it (a validation error): the
+                   unchanged model is the baseline of such a study, and every trial reports its loss as
+                   `val_loss_at_start`;
+            below  the lowest converted layer and every layer above it, with the parameters after the last
+                   layer (final norm, an untied output head); the SSA parameters too. The layers below and
+                   the input embeddings (with an output head tied to them) stay frozen. The baseline arm
+                   trains the very same layers: those the spec's `ssa.layers` selects, so both arms
+                   fine-tune the same base parameters and SSA adds only its own.
     """
 
     max_steps: int = 300

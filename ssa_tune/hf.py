@@ -28,6 +28,10 @@ value gate reads that KV head's value vector: a value is computed and cached onc
 query heads, so one temperature per query head would mean copying every value per query head, which is
 what GQA avoids. The query temperature stays per query head.
 
+Fine-tuning a checkpoint in a tuning trial (`model: {kind: hf, path: DIR}` in a job spec): `load_checkpoint`
+loads it and wraps it in `CausalLM`, which gives it the built-in GPT's training interface, so `ssa_tune.train`
+runs the same loop, evaluation and decode-latency measurement (with the model's own KV cache) on both.
+
 All new parameters live in a submodule `temps` of each converted attention module, so
 `ssa_tune.optim.parameter_groups` gives them their own learning rate, and `save_pretrained` can write the
 base weights and the SSA weights apart (a plain `AutoModelForCausalLM.from_pretrained` reads the folder).
@@ -330,3 +334,81 @@ def from_pretrained(directory: str | Path, **hf_kwargs: Any) -> nn.Module:
         raise ValueError(f"{directory / SSA_WEIGHTS}: does not match {SSA_CONFIG} "
                          f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
     return model
+
+
+# ------------------------------------------------------------------------------- fine-tuning in a trial
+
+
+class CausalLM(nn.Module):
+    """A `transformers` causal LM behind the built-in GPT's training interface, so that `ssa_tune.train` runs
+    the same loop, evaluation and measurements on both:
+
+        logits, loss = model(idx, targets)         # targets already shifted (the datasets' y), -100 ignored
+        logits, _ = model(idx, cache=model.new_cache())   # decoding with the model's own KV cache
+
+    `hf` is the wrapped model (convert and freeze that one); `ssa` is its SSAConfig once converted.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.hf = model
+        config = model.config
+        self.max_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.vocab_size = int(config.vocab_size)
+        import inspect
+
+        # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns there)
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    @property
+    def ssa(self) -> SSAConfig | None:
+        return getattr(self.hf, "ssa", None)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Any = None):
+        kwargs = {"use_cache": False} if cache is None else {self._cache_kw: cache, "use_cache": True}
+        logits = self.hf(input_ids=idx, **kwargs).logits
+        loss = None
+        if targets is not None:
+            loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                                     ignore_index=-100)
+        return logits, loss
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.hf.config)
+
+    def aux_loss(self) -> None:
+        """No sparsity regulariser: it needs the built-in layer's sampled attention rows."""
+        return None
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_checkpoint(cfg) -> CausalLM:
+    """The checkpoint of an `HFModelConfig` (`model: {kind: hf, path: DIR}`), freshly loaded, on the CPU.
+
+    Not kept between trials on purpose: `from_pretrained` memory-maps a safetensors file, so loading it again
+    in the same worker process costs about as much as copying a kept one would (SmolLM2-135M: 1.7 s the
+    first time in a process, 0.06 s after; a deep copy 0.6-1.5 s), and keeping one would hold a second
+    copy of the weights in every worker. Training writes to private pages, never to the file.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per trial in every worker's log otherwise
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=_DTYPES[cfg.dtype],
+                                                     attn_implementation=cfg.attn_implementation)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    if type(model).__name__ not in FAMILIES:
+        raise TypeError(f"model.path: {cfg.path}: {type(model).__name__} is not a model ssa_tune.hf converts "
+                        f"(supported: {', '.join(sorted(FAMILIES))})")
+    return CausalLM(model)

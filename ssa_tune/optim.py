@@ -1,6 +1,9 @@
-"""Parameter groups: temperature parameters get their own learning-rate multiplier and no weight decay."""
+"""Parameter groups (temperature parameters get their own learning-rate multiplier and no weight decay) and
+`freeze` (which parameters a fine-tuning run trains)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch.nn as nn
 
@@ -39,3 +42,77 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.1,
          "name": "temperature"},
     ]
     return [g for g in groups if g["params"]]
+
+
+# ------------------------------------------------------------------------------------------------ freeze
+
+
+def _blocks(model: nn.Module) -> list[str]:
+    """The qualified name of each layer (decoder block) of `model`, in depth order: the module of the
+    `nn.ModuleList` entry that holds each attention layer its conversion adapter lists ("blocks.3" in the
+    built-in GPT, "model.layers.3" in Llama, "transformer.h.3" in GPT-2, "gpt_neox.layers.3" in GPT-NeoX)."""
+    from .convert import adapter_for
+
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for attn in adapter_for(model).layers(model):
+        parts = names[id(attn)].split(".")
+        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if index is None:
+            raise TypeError(f"freeze: cannot tell which layer {names[id(attn)]!r} belongs to")
+        out.append(".".join(parts[:index + 1]))
+    return out
+
+
+def freeze(model: nn.Module, mode: str, layers: Any = "all") -> dict[str, int]:
+    """Set `requires_grad` of every parameter of `model` (the built-in GPT, or a Hugging Face model that
+    `ssa_tune.convert` supports) for `TrainConfig.freeze`; returns the counts of trainable and frozen values.
+
+    none   everything trains.
+    base   only the SSA parameters (`.temps.`); a model without SSA has none: ValueError.
+    below  the layers from the lowest converted one up, the parameters after the last layer (the final norm,
+           an output head not tied to the input embeddings) and the SSA parameters; below that (input
+           embeddings, learned positions, the lower layers, and an output head tied to the embeddings) frozen.
+           `layers` (an SSAConfig layer selection) says which layers count as converted when the model has no
+           SSA, the baseline arm of a study: it then trains exactly the base parameters an SSA model of that
+           selection trains. A converted model uses its own `model.ssa.layers`.
+
+    Parameters outside the layers are "below" when the module registers them before its first layer and
+    "above" when after it (embeddings first, final norm and head last: the order of every supported family).
+    """
+    params = list(model.named_parameters())  # tied weights once, under their first name (the embedding)
+    if mode == "none":
+        trainable = {id(p) for _, p in params}
+    elif mode == "base":
+        trainable = {id(p) for n, p in params if is_temperature(n)}
+        if not trainable:
+            raise ValueError("freeze: base trains only the SSA parameters, and this model has none (not converted)")
+    elif mode == "below":
+        blocks = _blocks(model)
+        ssa = getattr(model, "ssa", None)
+        selected = (ssa.resolve_layers(len(blocks)) if ssa is not None
+                    else _resolve_selection(layers, len(blocks)))
+        lowest = min(selected, default=len(blocks))
+        trainable, seen_block = set(), False
+        for name, p in params:
+            depth = next((i for i, b in enumerate(blocks) if name.startswith(b + ".")), None)
+            seen_block = seen_block or depth is not None
+            above = depth is None and seen_block
+            if is_temperature(name) or above or (depth is not None and depth >= lowest):
+                trainable.add(id(p))
+    else:
+        raise ValueError(f"freeze: must be none, base or below, got {mode!r}")
+    if not trainable:
+        raise ValueError(f"freeze: {mode} leaves nothing to train in this model")
+    counts = {"trainable": 0, "frozen": 0}
+    for _, p in params:
+        on = id(p) in trainable
+        p.requires_grad_(on)
+        counts["trainable" if on else "frozen"] += p.numel()
+    return counts
+
+
+def _resolve_selection(layers: Any, n_layer: int) -> tuple[int, ...]:
+    from .config import SSAConfig
+
+    return SSAConfig(layers=layers).resolve_layers(n_layer)

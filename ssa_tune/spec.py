@@ -1,8 +1,16 @@
 """The job spec: one YAML file says what to tune, how, and where results go. Validated here, at the edge.
 
-Every problem becomes one `UserError` naming the file and the dotted field. Nothing here imports Ray,
+Every problem becomes one `UserError` naming the file and the dotted field. Nothing here imports torch, Ray,
 Optuna or MLflow: a spec is data, and `JobSpec.trial_config(params)` turns sampled values into the frozen
 configs a trial trains with.
+
+The model is the built-in GPT (`model: {kind: gpt, ...}`, the default) or a local Hugging Face checkpoint
+fine-tuned in every trial (`model: {kind: hf, path: DIR}`). For a checkpoint, validation reads its files and
+config.json (no torch): the folder, config.json, a supported model_type, the weights, and, for text data
+without `dataset.tokenizer`, the tokenizer in DIR, which then tokenises the text. `ssa.layers` resolves
+against the checkpoint's number of layers. What an HF model cannot do is an error here, not a surprise in a
+trial: the sparsity regulariser (`ssa.sparsity_weight` > 0 with a target) needs the built-in layer's
+sampled attention rows.
 """
 
 from __future__ import annotations
@@ -16,11 +24,16 @@ from typing import Any
 import yaml
 
 from . import checks
-from .config import GPTConfig, SSAConfig, TrainConfig, _yaml_load
+from .config import (Checkpoint, GPTConfig, HFModelConfig, ModelConfig, SSAConfig, TrainConfig, _yaml_load,
+                     model_config, read_checkpoint)
 from .errors import UserError
 
 SECTIONS = ("name", "dataset", "model", "train", "ssa", "search", "objective", "budget", "scheduler",
-            "resources", "sampler", "storage", "tracking", "baseline", "robustness")
+            "resources", "sampler", "storage", "tracking", "baseline", "robustness", "select")
+# What every trial reports at each evaluation, and only at its end (see `JobSpec.reported_metrics`).
+EVERY_EVAL = ("step", "progress", "train_loss", "lr", "tokens", "tokens_per_s", "train_seconds", "val_loss",
+              "val_ppl", "val_loss_at_start", "val_ppl_at_start", "peak_mem_mb", "seconds")
+AT_END = ("test_loss", "test_ppl", "latency_ms_per_token", "n_params", "ssa_params", "trainable_params")
 # the two arms of a study that answers "does SSA help here?"; a study without a baseline has the SSA arm only
 ARMS = ("baseline", "ssa")
 RESOURCE_DEFAULTS = {"cpus_per_trial": 1, "gpus_per_trial": 0, "memory_gb": None, "custom": {}, "max_concurrent": 2,
@@ -80,10 +93,45 @@ class JobSpec:
     robustness: dict | None
     baseline_share: float = 0.5
     raw: dict = field(repr=False, compare=False, default_factory=dict)
+    checkpoint: Checkpoint | None = None  # what config.json of a `kind: hf` model says (read at validation)
+
+    @property
+    def model_kind(self) -> str:
+        return self.model.get("kind", "gpt")
+
+    select: dict | None = None
 
     @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
+
+    def reported_metrics(self) -> tuple[set[str], set[str]]:
+        """(metrics reported at every evaluation, metrics reported only at a trial's end) for this spec's
+        dataset and model: an objective must be one of them, early stopping needs one of the first."""
+        from .data import KIND_REPORTS
+
+        every, end = set(EVERY_EVAL), set(AT_END)
+        reports = KIND_REPORTS.get(self.dataset.get("kind"), ())
+        if "acc" in reports:
+            every.add("val_acc"), end.add("test_acc")
+        if "gap" in reports:
+            every.add("val_gap"), end.add("test_gap")
+        if "probes" in reports:
+            every.add("passkey_acc")
+        if self.ssa is not None and self.model.get("kind", "gpt") == "gpt":  # the built-in layer's statistics
+            every.update(f"ssa.{k}_{s}" for k in ("entropy", "topk_mass", "tau_q", "tau_v") for s in ("mean", "std"))
+        return every, end
+
+    @property
+    def scheduler_metric(self) -> tuple[str, str]:
+        """(metric, "min" | "max") early stopping watches: scheduler.metric, else the first objective."""
+        metric = self.scheduler.get("metric") or self.objectives[0].metric
+        mode = self.scheduler.get("mode")
+        if mode is None:
+            by_objective = {o.metric: o.direction for o in self.objectives}
+            direction = by_objective.get(metric, "maximize" if metric.endswith("acc") else "minimize")
+            mode = "min" if direction == "minimize" else "max"
+        return metric, mode
 
     @property
     def arms(self) -> tuple[str, ...]:
@@ -143,28 +191,67 @@ class JobSpec:
         """Dotted key -> value for every fixed setting, the configs' own defaults included (what `when`
         conditions refer to, and where an arm's first trial starts)."""
         out: dict[str, Any] = {}
-        defaults = {"model": GPTConfig().to_dict(), "train": TrainConfig().to_dict(),
+        model_defaults = ({k: v for k, v in HFModelConfig(path="-").to_dict().items() if k != "path"}
+                          if self.model_kind == "hf" else GPTConfig().to_dict())
+        defaults = {"model": model_defaults, "train": TrainConfig().to_dict(),
                     "ssa": SSAConfig().to_dict() if self.ssa is not None else {}}
         for section in ("dataset", "model", "train", "ssa"):
             values = {**defaults.get(section, {}), **(getattr(self, section) or {})}
             for k, v in values.items():
                 out[f"{section}.{k}"] = v
+                if isinstance(v, dict):  # ssa.layers: {count, placement} -> ssa.layers.count too
+                    out.update({f"{section}.{k}.{sub}": x for sub, x in v.items()})
         out[SSA_SWITCH] = self.ssa is not None
         return out
 
     def train_config(self, params: dict[str, Any]) -> TrainConfig:
         return TrainConfig.from_dict(_apply(self.train, params, "train"))
 
-    def trial_config(self, params: dict[str, Any]) -> tuple[dict, GPTConfig, TrainConfig, SSAConfig | None]:
-        """The frozen configs of one trial from sampled `params` (dotted keys) over the fixed sections."""
+    def trial_config(self, params: dict[str, Any]) -> tuple[dict, ModelConfig, TrainConfig, SSAConfig | None]:
+        """The frozen configs of one trial from sampled `params` (dotted keys) over the fixed sections.
+
+        Raises ValueError for values that are valid alone but not together (a layer count above the model's
+        depth, `train.freeze: base` without SSA, the sparsity regulariser on a Hugging Face model)."""
         dataset = _apply(self.dataset, params, "dataset")
-        model = GPTConfig.from_dict(_apply(self.model, params, "model"))
+        model = model_config(_apply(self.model, params, "model"))
+        tokenizer = _default_tokenizer(model.to_dict(), dataset)
+        if tokenizer is not None:  # text data of a Hugging Face checkpoint: its own tokenizer encodes it
+            dataset["tokenizer"] = tokenizer
         train = TrainConfig.from_dict(_apply(self.train, params, "train"))
         enabled = params.get(SSA_SWITCH, self.ssa is not None)
         ssa = None
         if enabled:
             ssa = SSAConfig.from_dict(_apply(self.ssa or {}, params, "ssa"))
+        self._check_together(model, train, ssa)
         return dataset, model, train, ssa
+
+    def n_layer(self, model: ModelConfig | None = None) -> int | None:
+        """The depth `ssa.layers` resolves against: the built-in model's n_layer or the checkpoint's."""
+        model = model_config(self.model) if model is None else model
+        if isinstance(model, HFModelConfig):
+            return self.checkpoint.n_layer if self.checkpoint is not None else None
+        return model.n_layer
+
+    def freeze_layers(self):
+        """The layer selection `train.freeze: below` refers to in a trial without SSA (the baseline arm): the
+        spec's fixed `ssa.layers` (all layers when the spec has no `ssa:` section), so that the baseline
+        trains the same base layers as the SSA arm's fixed configuration. (When the search samples
+        `ssa.layers`, the baseline keeps this fixed selection: layers are an SSA knob.)"""
+        return SSAConfig.from_dict(self.ssa or {}).layers
+
+    def _check_together(self, model: ModelConfig, train: TrainConfig, ssa: SSAConfig | None) -> None:
+        n_layer = self.n_layer(model)
+        if ssa is not None and n_layer is not None:
+            try:
+                ssa.resolve_layers(n_layer)
+            except ValueError as e:
+                raise ValueError(f"ssa.{e}") from None
+        if ssa is None and train.freeze == "base":
+            raise ValueError("train.freeze: base trains only the SSA parameters, and a trial without SSA has none "
+                             "(the unchanged model is that baseline: every trial reports val_loss_at_start)")
+        if ssa is not None and isinstance(model, HFModelConfig) and ssa.uses_sparsity:
+            raise ValueError("ssa.sparsity_weight: the sparsity regulariser needs the built-in model's sampled "
+                             "attention rows (model.kind: gpt); a Hugging Face model has none, set it to 0")
 
     def baseline_params(self) -> dict[str, Any]:
         """The baseline arm's first trial: SSA off, every other searched value at its fixed setting if it has one."""
@@ -300,18 +387,16 @@ def validate(raw: dict, file: str, check_data: bool = True, base_dir: str | Path
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise _err(file, "name", f"must be letters, digits, '-', '_' or '.', got {name!r}")
 
+    base = Path(base_dir) if base_dir else Path.cwd()
     dataset = dict(_mapping(raw, "dataset", file, required=True))
-    _check_dataset(dataset, file, check_data, Path(base_dir) if base_dir else Path.cwd())
     model = dict(_mapping(raw, "model", file))
+    checkpoint = _check_model(model, dataset, file, base)
+    _check_dataset(dataset, file, check_data, base, _default_tokenizer(model, dataset))
     train = dict(_mapping(raw, "train", file))
     ssa_raw = raw.get("ssa", {})
     if ssa_raw is not None and not isinstance(ssa_raw, dict):
         raise _err(file, "ssa", f"must be a mapping or null, got {type(ssa_raw).__name__}")
     ssa = None if ssa_raw is None else dict(ssa_raw)
-    try:
-        GPTConfig.from_dict(model)
-    except (ValueError, TypeError) as e:
-        raise _field_error(file, "model", e) from None
     try:
         TrainConfig.from_dict(train)
     except (ValueError, TypeError) as e:
@@ -338,8 +423,11 @@ def validate(raw: dict, file: str, check_data: bool = True, base_dir: str | Path
     if two_arms and n_trials < 2:
         raise _err(file, "budget.n_trials", "must be >= 2: the baseline and the SSA arm get one trial each at least")
 
-    scheduler = {"kind": "asha", "grace_steps": None, "reduction_factor": 3, **_mapping(raw, "scheduler", file)}
-    _unknown(scheduler, {"kind", "grace_steps", "reduction_factor"}, file, "scheduler")
+    scheduler = {"kind": "asha", "grace_steps": None, "reduction_factor": 3, "metric": None, "mode": None,
+                 **_mapping(raw, "scheduler", file)}
+    _unknown(scheduler, {"kind", "grace_steps", "reduction_factor", "metric", "mode"}, file, "scheduler")
+    if scheduler["mode"] is not None and scheduler["mode"] not in ("min", "max"):
+        raise _err(file, "scheduler.mode", f"must be min or max, got {scheduler['mode']!r}")
     if scheduler["kind"] not in SCHEDULERS:
         raise _err(file, "scheduler.kind", f"must be one of {', '.join(SCHEDULERS)}, got {scheduler['kind']!r}")
     _number(file, "scheduler.grace_steps", scheduler["grace_steps"], int, 1, allow_none=True)
@@ -369,8 +457,9 @@ def validate(raw: dict, file: str, check_data: bool = True, base_dir: str | Path
     if len(objectives) > 1:
         if sampler["kind"] not in ("nsga2", "random", "tpe", "gp"):
             raise _err(file, "sampler.kind", f"{sampler['kind']} does not support several objectives")
-        if scheduler["kind"] != "none":
-            raise _err(file, "scheduler.kind", "early stopping needs a single objective; use kind: none")
+        if scheduler["kind"] != "none" and not scheduler["metric"]:
+            raise _err(file, "scheduler.metric", "several objectives: say which metric early stopping watches "
+                       "(one reported at every evaluation, e.g. val_loss), or use scheduler.kind: none")
 
     for key in ("storage", "tracking"):
         v = raw.get(key)
@@ -379,15 +468,78 @@ def validate(raw: dict, file: str, check_data: bool = True, base_dir: str | Path
     robustness = _check_robustness(raw.get("robustness"), file)
 
     raw = {**raw, "dataset": dataset}  # with the dataset path made absolute: workers run elsewhere
+    if "model" in raw:  # likewise the checkpoint's path
+        raw["model"] = model
     spec = JobSpec(path=file, name=name, dataset=dataset, model=model, train=train, ssa=ssa,
                    search=search, objectives=objectives, n_trials=n_trials, time_limit_s=time_limit,
                    scheduler=scheduler, resources=resources, sampler=sampler, storage=raw.get("storage"),
                    tracking=raw.get("tracking"), baseline=baseline, robustness=robustness, baseline_share=share,
-                   raw=raw)
+                   raw=raw, checkpoint=checkpoint, select=_check_select(raw.get("select"), file))
+    _check_metrics(spec)
+    _check_freeze(spec)
+    for arm in spec.arms:  # the fixed settings of each arm go together
+        try:
+            spec.trial_config({SSA_SWITCH: arm == "ssa"})
+        except ValueError as e:
+            head, sep, rest = str(e).partition(": ")
+            raise (_err(file, head, rest) if sep and " " not in head else _err(file, "spec", str(e))) from None
     _check_search_values(spec)
     if spec.ssa is None and any(p.name.startswith("ssa.") for p in search):
         raise _err(file, "ssa", "null (SSA off) but the search has ssa.* parameters")
     return spec
+
+
+def _check_select(sel, file: str) -> dict | None:
+    """`select: {where: ["latency_ms_per_token <= 0.6"], pick: val_loss}`: how the winner is chosen."""
+    if sel is None:
+        return None
+    if not isinstance(sel, dict):
+        raise _err(file, "select", "must be a mapping {where: [conditions], pick: METRIC}")
+    _unknown(sel, {"where", "pick"}, file, "select")
+    pick = sel.get("pick")
+    if not isinstance(pick, str) or not pick:
+        raise _err(file, "select.pick", "required: the metric to pick by (max:METRIC / min:METRIC to say which way)")
+    where = sel.get("where") or []
+    if isinstance(where, str):
+        where = [where]
+    if not isinstance(where, list) or not all(isinstance(w, str) for w in where):
+        raise _err(file, "select.where", "must be a list of conditions like 'latency_ms_per_token <= 0.6'")
+    from .selection import Rule
+
+    try:
+        Rule.parse(where, pick.partition(":")[2] if pick.startswith(("min:", "max:")) else pick, "minimize")
+    except ValueError as e:
+        raise _err(file, "select.where", str(e).split(": ", 1)[1]) from None
+    return {"where": list(where), "pick": pick}
+
+
+def _check_metrics(spec: JobSpec) -> None:
+    """Objectives, the scheduler's metric and the select rule name metrics the trials report; early stopping
+    watches one reported at every evaluation."""
+    every, end = spec.reported_metrics()
+    reported = ", ".join(sorted(every | end))
+
+    def known(metric: str, field: str) -> None:
+        if metric not in every | end:
+            raise _err(spec.path, field, f"{metric} is not a metric this study reports (it reports: {reported})")
+
+    for i, o in enumerate(spec.objectives):
+        known(o.metric, "objective.metric" if not spec.multi_objective else f"objective.{i}.metric")
+    if spec.scheduler["kind"] != "none":
+        metric, _ = spec.scheduler_metric
+        known(metric, "scheduler.metric")
+        if metric in end:
+            raise _err(spec.path, "scheduler.metric", f"{metric} is reported only at the end of a trial: early "
+                       "stopping needs a metric of every evaluation (set scheduler.metric, e.g. val_loss, or "
+                       "scheduler.kind: none)")
+    if spec.select:
+        from .selection import Rule
+
+        for w in spec.select["where"]:
+            for cond in Rule.parse([w], "val_loss", "minimize").where:
+                known(cond.metric, "select.where")
+        pick = spec.select["pick"]
+        known(pick.partition(":")[2] if pick.startswith(("min:", "max:")) else pick, "select.pick")
 
 
 def _unknown(d: dict, known: set, file: str, section: str) -> None:
@@ -396,28 +548,85 @@ def _unknown(d: dict, known: set, file: str, section: str) -> None:
             raise _err(file, f"{section}.{k}", f"unknown key (expected one of: {', '.join(sorted(known))})")
 
 
-def _check_dataset(dataset: dict, file: str, check_data: bool, base_dir: Path) -> None:
+def _check_dataset(dataset: dict, file: str, check_data: bool, base_dir: Path, tokenizer: str | None = None) -> None:
     from .data import DATASET_KINDS, KIND_PARAMS, DataError, check_dataset
 
     kind = dataset.get("kind")
     if kind not in DATASET_KINDS:
         raise _err(file, "dataset.kind", f"must be one of {', '.join(DATASET_KINDS)}, got {kind!r}")
     _unknown({k: v for k, v in dataset.items() if k != "kind"}, set(KIND_PARAMS[kind]), file, "dataset")
-    if "path" in dataset:
-        p = Path(str(dataset["path"])).expanduser()
-        if not p.is_absolute():  # relative to where the user stands (or the job's working dir)
-            p = base_dir / p
+    for key in ("path", "tokenizer"):
+        if dataset.get(key) is None or not isinstance(dataset[key], str):
+            continue  # (a wrong type is the dataset's own error)
+        p = _resolve(dataset[key], base_dir)
         if not p.exists():
-            raise _err(file, "dataset.path", f"{dataset['path']}: no such file or directory")
-        dataset["path"] = str(p)
+            raise _err(file, f"dataset.{key}", f"{dataset[key]}: no such file or directory")
+        dataset[key] = str(p)
     if check_data:
         try:
-            check_dataset(dataset)
+            check_dataset(dataset if tokenizer is None else {**dataset, "tokenizer": tokenizer})
         except DataError as e:  # its message is "dataset.FIELD: reason"
             head, _, rest = str(e).partition(": ")
             raise _err(file, head, rest) from None
         except (ValueError, TypeError) as e:
             raise _err(file, "dataset", str(e)) from None
+
+
+def _resolve(path: str, base_dir: Path) -> Path:
+    """A path of the spec: relative to where the user stands (or the job's working dir)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+TOKENISED_KINDS = ("text", "builtin")  # dataset kinds that read text: a checkpoint's tokenizer encodes them
+
+
+def _check_model(model: dict, dataset: dict, file: str, base_dir: Path) -> Checkpoint | None:
+    """Check the `model:` section; for `kind: hf` check the checkpoint folder (its path made absolute in
+    `model`) and, for text data without a tokenizer of its own, that the checkpoint has one to encode it."""
+    try:
+        cfg = model_config(model)
+    except (ValueError, TypeError) as e:
+        raise _field_error(file, "model", e) from None
+    if not isinstance(cfg, HFModelConfig):
+        return None
+    p = _resolve(cfg.path, base_dir)
+    try:
+        checkpoint = read_checkpoint(p)
+    except ValueError as e:
+        raise _err(file, "model.path", str(e).replace(str(p), cfg.path, 1)) from None
+    model["path"] = str(p)
+    if dataset.get("kind") in TOKENISED_KINDS and dataset.get("tokenizer") is None:
+        if not checkpoint.has_tokenizer:
+            raise _err(file, "model.path", f"{cfg.path}: no tokenizer there (tokenizer.json, or tokenizer_config.json "
+                       f"with its vocabulary); save one with the model or give dataset.tokenizer")
+    seq_len = dataset.get("seq_len")
+    if (checkpoint.max_positions and isinstance(seq_len, int) and not isinstance(seq_len, bool)
+            and seq_len > checkpoint.max_positions):
+        raise _err(file, "dataset.seq_len", f"{seq_len} exceeds the {checkpoint.max_positions} positions of the "
+                   f"checkpoint (model.path)")
+    return checkpoint
+
+
+def _default_tokenizer(model: dict, dataset: dict) -> str | None:
+    """The tokenizer a trial encodes text with when the spec names none: a Hugging Face checkpoint's own.
+    (Given to the trial's dataset by `trial_config`, not written into the spec: a job ships the folder once.)"""
+    if model.get("kind") == "hf" and dataset.get("kind") in TOKENISED_KINDS and dataset.get("tokenizer") is None:
+        return model.get("path")
+    return None
+
+
+def _check_freeze(spec: JobSpec) -> None:
+    """`train.freeze: base` trains only the SSA parameters: a baseline arm would train nothing."""
+    if "baseline" not in spec.arms:
+        return
+    why = ("base trains only the SSA parameters and the baseline arm has none; with base, the unchanged model is "
+           "the baseline (every trial reports val_loss_at_start): set `baseline: false`, or freeze: below")
+    searched = {p.name: p for p in spec.search}
+    if "train.freeze" in searched and "base" in searched["train.freeze"].choices:
+        raise _err(spec.path, "search.train.freeze", why)
+    if spec.train_config({}).freeze == "base":
+        raise _err(spec.path, "train.freeze", why)
 
 
 def _check_search(search: dict, file: str) -> tuple[Param, ...]:
@@ -427,6 +636,9 @@ def _check_search(search: dict, file: str) -> tuple[Param, ...]:
         f = f"search.{name}"
         if not isinstance(name, str) or name.split(".")[0] not in ("dataset", "model", "train", "ssa"):
             raise _err(file, f, "parameter names are dotted keys into dataset, model, train or ssa")
+        if name in ("model.kind", "model.path"):
+            raise _err(file, f, "the model is not searched: a study tunes one model (its kind and checkpoint are "
+                       "fixed in the model section)")
         if name == SSA_SWITCH:
             raise _err(file, f, "SSA on/off is not searched: `baseline: true` tunes a baseline arm and an SSA arm "
                        "on their own budgets (budget.baseline_share)")
@@ -516,10 +728,13 @@ def _check_robustness(r, file: str) -> dict | None:
         return None
     if not isinstance(r, dict):
         raise _err(file, "robustness", "must be a mapping")
-    out = {"top_k": 3, "seeds": 3, "penalty": 1.0, "long_context": None, "noise": None, "constraint": False, **r}
-    _unknown(out, {"top_k", "seeds", "penalty", "long_context", "noise", "constraint"}, file, "robustness")
+    out = {"top_k": 3, "seeds": 3, "confirm_seeds": None, "penalty": 1.0, "long_context": None, "noise": None,
+           "constraint": False, **r}
+    _unknown(out, {"top_k", "seeds", "confirm_seeds", "penalty", "long_context", "noise", "constraint"}, file,
+             "robustness")
     _number(file, "robustness.top_k", out["top_k"], int, 1)
     _number(file, "robustness.seeds", out["seeds"], int, 2)
+    _number(file, "robustness.confirm_seeds", out["confirm_seeds"], int, 2, allow_none=True)
     _number(file, "robustness.penalty", out["penalty"], float, 0)
     if not isinstance(out["constraint"], bool):
         raise _err(file, "robustness.constraint", "must be true or false")

@@ -1,7 +1,16 @@
 """One trial: build the dataset and the model, train with AdamW (warm-up + cosine), evaluate every k steps.
 
+The model is the built-in GPT (`GPTConfig`) or a local Hugging Face checkpoint (`HFModelConfig`, loaded
+fresh in every trial and converted with `ssa_tune.hf`); `TrainConfig.freeze` picks what trains
+(`ssa_tune.optim.freeze`). Both report the same metrics: val/test loss and perplexity, the validation loss
+before the first step (`val_loss_at_start`, `val_ppl_at_start`: the model as it came, so a fine-tuning
+study shows what fine-tuning moved), tokens/s, peak memory, decode ms per generated token (the model's own
+KV cache), parameter counts and `progress`. What only the built-in layer has: the SSA attention statistics
+(`ssa.entropy_mean`, ...) and the sparsity regulariser read its sampled attention rows, so a Hugging Face
+trial reports no `ssa.*` statistics (and the spec refuses the regulariser for it).
+
 Metrics reach the outside world only through `on_eval(metrics)` — the tuner hooks Ray Tune and MLflow onto
-it — so this module imports torch and the core alone.
+it — so this module imports torch and the core alone (and transformers for a Hugging Face model).
 """
 
 from __future__ import annotations
@@ -13,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.nn as nn
 
-from .config import GPTConfig, SSAConfig, TrainConfig
+from .config import GPTConfig, HFModelConfig, LayerSpec, ModelConfig, SSAConfig, TrainConfig
 from .errors import TrialFailed
 from .attention import KVCache
 from .model import GPT
-from .optim import parameter_groups
+from .optim import freeze, parameter_groups
 from .stats import attention_stats, flat_stats
 
 
@@ -30,6 +40,7 @@ class TrialResult:
     seconds: float
     n_params: int
     ssa_params: int
+    trainable_params: int | None = None
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -101,7 +112,7 @@ class PeakMemory:
 
 
 @torch.no_grad()
-def evaluate(model: GPT, dataset, split: str, batch_size: int, device: torch.device, amp) -> dict[str, float]:
+def evaluate(model: nn.Module, dataset, split: str, batch_size: int, device: torch.device, amp) -> dict[str, float]:
     model.eval()
     loss_sum, count, acc_sum, acc_n = 0.0, 0, 0.0, 0
     for x, y in dataset.eval_batches(split, batch_size):
@@ -127,7 +138,7 @@ def evaluate(model: GPT, dataset, split: str, batch_size: int, device: torch.dev
 
 
 @torch.no_grad()
-def probe_accuracy(model: GPT, dataset, device: torch.device, amp) -> dict[str, float]:
+def probe_accuracy(model: nn.Module, dataset, device: torch.device, amp) -> dict[str, float]:
     probes = dataset.probes()
     if not probes:
         return {}
@@ -142,18 +153,24 @@ def probe_accuracy(model: GPT, dataset, device: torch.device, amp) -> dict[str, 
     return out
 
 
+def _max_len(model: nn.Module) -> int:
+    """Tokens the model can attend over: the built-in GPT's seq_len, a Hugging Face model's positions."""
+    n = getattr(model, "max_len", None)
+    return int(n) if n else int(model.config.seq_len)
+
+
 @torch.no_grad()
-def decode_latency_ms(model: GPT, dataset, device: torch.device, n_tokens: int) -> float:
-    """Milliseconds per generated token with the KV cache: the mean time of `n_tokens` single-token forward
-    passes (greedy) after a prompt of half a validation sequence. The prompt's own forward (the prefill) and
-    one warm-up step are not timed."""
+def decode_latency_ms(model: nn.Module, dataset, device: torch.device, n_tokens: int) -> float:
+    """Milliseconds per generated token with the KV cache (the model's own: `model.new_cache()` for a
+    Hugging Face model): the mean time of `n_tokens` single-token forward passes (greedy) after a prompt of
+    half a validation sequence. The prompt's own forward (the prefill) and one warm-up step are not timed."""
     if n_tokens == 0:
         return float("nan")
     x, _ = dataset.eval_batches("val", 1)[0]
-    prompt_len = max(1, min(x.shape[1] // 2, model.config.seq_len - n_tokens - 1))
+    prompt_len = max(1, min(x.shape[1] // 2, _max_len(model) - n_tokens - 1))
     prompt = x[:1, :prompt_len].to(device)
     model.eval()
-    cache = KVCache()
+    cache = model.new_cache() if hasattr(model, "new_cache") else KVCache()
     logits, _ = model(prompt, cache=cache)  # prefill: not a generated token
     times = []
     for i in range(n_tokens + 1):
@@ -170,14 +187,17 @@ def decode_latency_ms(model: GPT, dataset, device: torch.device, n_tokens: int) 
     return 1000.0 * sum(times) / len(times)
 
 
-def train(dataset, model_cfg: GPTConfig, cfg: TrainConfig, ssa: SSAConfig | None = None,
-          on_eval: Callable[[dict[str, float]], None] | None = None) -> TrialResult:
+def train(dataset, model_cfg: ModelConfig, cfg: TrainConfig, ssa: SSAConfig | None = None,
+          on_eval: Callable[[dict[str, float]], None] | None = None, freeze_layers: LayerSpec = "all") -> TrialResult:
     """Train one model on `dataset` (an `ssa_tune.data.Dataset`); call `on_eval(metrics)` at each evaluation.
 
+    `model_cfg` is a `GPTConfig` (built-in model, random init) or an `HFModelConfig` (a local checkpoint,
+    fine-tuned). `freeze_layers` is the layer selection `cfg.freeze == "below"` trains from when `ssa` is
+    None (the baseline arm: the spec's `ssa.layers`, see `ssa_tune.optim.freeze`).
     Raises TrialFailed on a NaN/inf loss or when the device (GPU or host) runs out of memory.
     """
     try:
-        return _train(dataset, model_cfg, cfg, ssa, on_eval)
+        return _train(dataset, model_cfg, cfg, ssa, on_eval, freeze_layers)
     except torch.OutOfMemoryError as e:
         raise TrialFailed(f"out of memory: {_first_line(e)}") from None
     except RuntimeError as e:  # the CPU allocator's failure is a plain RuntimeError
@@ -190,7 +210,7 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def accumulate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, amp,
+def accumulate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, amp,
                step: int = 0) -> float:
     """Backward over micro-batches so the gradient equals one big batch's: every scored token weighs the
     same (micro-batch losses are token sums over the step's total count, not means of means)."""
@@ -213,17 +233,39 @@ def accumulate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]], dev
     return loss_sum / max(total, 1)
 
 
-def _train(dataset, model_cfg, cfg, ssa, on_eval) -> TrialResult:
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+def build_model(dataset, model_cfg: ModelConfig, ssa: SSAConfig | None) -> tuple[nn.Module, nn.Module]:
+    """(the model the loop trains, the module `freeze` and `convert` act on) on the CPU: a new built-in GPT
+    (vocabulary widened to the dataset's), or the checkpoint wrapped in `ssa_tune.hf.CausalLM` and converted."""
+    if isinstance(model_cfg, HFModelConfig):
+        from .convert import convert
+        from .hf import load_checkpoint
+
+        model = load_checkpoint(model_cfg)
+        if dataset.vocab_size > model.vocab_size:
+            raise ValueError(f"dataset: its vocabulary ({dataset.vocab_size} tokens) is larger than the checkpoint's "
+                             f"({model.vocab_size}); tokenise it with the checkpoint's tokenizer")
+        if model.max_len is not None and dataset.seq_len > model.max_len:
+            raise ValueError(f"dataset.seq_len: {dataset.seq_len} exceeds the checkpoint's {model.max_len} positions")
+        if ssa is not None:
+            convert(model.hf, ssa)
+        return model, model.hf
     if model_cfg.seq_len < dataset.seq_len:
         raise ValueError(f"seq_len: the model's seq_len {model_cfg.seq_len} is shorter than the dataset's {dataset.seq_len}")
     if model_cfg.vocab_size < dataset.vocab_size:
         model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), "vocab_size": dataset.vocab_size})
+    model = GPT(model_cfg, ssa)
+    return model, model
+
+
+def _train(dataset, model_cfg, cfg, ssa, on_eval, freeze_layers) -> TrialResult:
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
     memory = PeakMemory(device)  # before the model exists: its weights and optimizer state count too
-    model = GPT(model_cfg, ssa).to(device)
+    model, core = build_model(dataset, model_cfg, ssa)
+    model = model.to(device)
+    counts = freeze(core, cfg.freeze, freeze_layers)
     n_params = model.num_params()
     ssa_params = sum(p.numel() for n, p in model.named_parameters() if ".temps." in n)
     groups = parameter_groups(model, cfg.lr, cfg.weight_decay)
@@ -242,6 +284,9 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval) -> TrialResult:
     train_time, tokens, t_start = 0.0, 0, time.perf_counter()
     last_loss = float("nan")
     metrics: dict[str, float] = {}
+    # the model as it starts (a checkpoint as it came, or the random init): what fine-tuning moved
+    start = evaluate(model, dataset, "val", cfg.batch_size, device, amp)
+    at_start = {"val_loss_at_start": start["val_loss"], "val_ppl_at_start": start["val_ppl"]}
     model.train()
     for step in range(1, total + 1):
         t0 = time.perf_counter()
@@ -260,22 +305,23 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval) -> TrialResult:
         if step % cfg.eval_every == 0 or step == total:
             # progress 1.0 marks the trial's own end (steps or tokens): the driver tells COMPLETE from PRUNED by it
             metrics = {"step": step, "progress": step / total, "train_loss": last_loss, "lr": lr, "tokens": tokens,
-                       "tokens_per_s": tokens / max(train_time, 1e-9), "train_seconds": train_time}
+                       "tokens_per_s": tokens / max(train_time, 1e-9), "train_seconds": train_time, **at_start}
             metrics.update(evaluate(model, dataset, "val", cfg.batch_size, device, amp))
             if not math.isfinite(metrics["val_loss"]):
                 raise TrialFailed(f"diverged: val_loss is {metrics['val_loss']} at step {step}", step)
             metrics.update(probe_accuracy(model, dataset, device, amp))
-            if model.ssa is not None:
+            if isinstance(model, GPT) and model.ssa is not None:  # the built-in layer's sampled rows
                 x, _ = dataset.eval_batches("val", cfg.batch_size)[0]
                 metrics.update(flat_stats(attention_stats(model, x.to(device))))
             if step == total:  # end-of-trial measurements: held-out test split, decode latency
                 metrics.update(evaluate(model, dataset, "test", cfg.batch_size, device, amp))
                 metrics["latency_ms_per_token"] = decode_latency_ms(model, dataset, device, cfg.latency_tokens)
                 metrics["n_params"], metrics["ssa_params"] = n_params, ssa_params
+                metrics["trainable_params"] = counts["trainable"]
             metrics["peak_mem_mb"] = memory.mb()
             metrics["seconds"] = time.perf_counter() - t_start
             history.append(metrics)
             if on_eval is not None:
                 on_eval(dict(metrics))
     return TrialResult(metrics=metrics, history=history, steps=total, seconds=time.perf_counter() - t_start,
-                       n_params=n_params, ssa_params=ssa_params)
+                       n_params=n_params, ssa_params=ssa_params, trainable_params=counts["trainable"])

@@ -29,7 +29,8 @@ def _dataset(spec_json: str, seed: int):
 
 
 def trial_params(dataset: dict, model, train, ssa: SSAConfig | None) -> dict[str, Any]:
-    """Every setting of a trial as flat dotted params (what MLflow shows and `ssa-tune train --set` takes)."""
+    """Every setting of a trial as flat dotted params (what MLflow shows and `ssa-tune train --set` takes):
+    model.kind says gpt or hf, and a Hugging Face trial's model.path names its checkpoint."""
     out: dict[str, Any] = {f"dataset.{k}": v for k, v in dataset.items()}
     out.update({f"model.{k}": v for k, v in model.to_dict().items()})
     out.update({f"train.{k}": v for k, v in train.to_dict().items()})
@@ -56,7 +57,8 @@ def execute(spec: JobSpec, params: dict[str, Any], cpus: float, gpus: float, rep
 
     dataset_spec, model_cfg, train_cfg, ssa = configure(spec, params, cpus, gpus)
     dataset = _dataset(json.dumps(dataset_spec, sort_keys=True), train_cfg.seed)
-    return train(dataset, model_cfg, train_cfg, ssa, on_eval=report)
+    # a baseline trial with `train.freeze: below` trains the layers the spec's ssa.layers selects
+    return train(dataset, model_cfg, train_cfg, ssa, on_eval=report, freeze_layers=spec.freeze_layers())
 
 
 def failure_reason(e: BaseException) -> str:

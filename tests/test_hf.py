@@ -455,3 +455,81 @@ def test_the_conversion_benchmark_runs_in_quick_mode(tmp_path):
     for row in result["rows"]:
         for key in ("ratio_fwd_bwd", "ratio_decode", "cpu_ratio_decode"):
             assert set(row[key]) == {"ssa_shared", "position_only"} and all(v > 0 for v in row[key].values())
+
+
+# ----------------------------------------------------------------------------------- fine-tuning: freeze
+
+TOP_LAYER_AND_ABOVE = {  # family -> what `freeze: below` trains when the top layer (of 2) is the converted one
+    "gpt2": ("transformer.h.1.", "transformer.ln_f."),
+    "llama": ("model.layers.1.", "model.norm.", "lm_head."),
+    "neox": ("gpt_neox.layers.1.", "gpt_neox.final_layer_norm.", "lm_head."),
+}
+
+
+@pytest.mark.parametrize("arm", ["ssa", "baseline"])
+@pytest.mark.parametrize("mode", ["none", "base", "below"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_freeze_decides_what_trains_in_a_hugging_face_model(family, mode, arm):
+    """freeze none | base | below on a converted model and on its baseline (the same layers selected by the
+    spec's ssa.layers): gradients, the optimizer's parameters, and what one step moves. An output head tied
+    to the input embeddings (GPT-2) stays frozen with them under `below`; an untied one is above the layers."""
+    from ssa_tune.hf import CausalLM
+    from ssa_tune.optim import freeze
+
+    model = tiny(family).train()
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == (family == "gpt2")
+    cfg = FULL.replace(layers=[-1])
+    if arm == "ssa":
+        convert(model, cfg)
+    if mode == "base" and arm == "baseline":
+        with pytest.raises(ValueError, match="^freeze: base trains only the SSA parameters"):
+            freeze(model, mode, cfg.layers)
+        return
+    freeze(model, mode, cfg.layers)
+    names = [n for n, _ in model.named_parameters()]
+    temps = {n for n in names if ".temps." in n}
+    expected = {"none": set(names), "base": temps,
+                "below": {n for n in names if n.startswith(TOP_LAYER_AND_ABOVE[family])} | temps}[mode]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    assert (arm == "ssa") == bool(temps) and temps <= expected
+    wrapped = CausalLM(model)
+    groups = parameter_groups(wrapped, lr=1e-2)
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for n, p in model.named_parameters() if n in expected}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = ids(T=12)
+    _, loss = wrapped(x[:, :-1], x[:, 1:])
+    loss.backward()
+    torch.optim.AdamW(groups, lr=1e-2).step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == expected
+    assert moved <= expected and len(moved) >= 0.8 * len(expected)
+
+
+def test_the_wrapped_model_scores_and_decodes_as_the_model_itself():
+    """`CausalLM`: the loss of shifted targets is the model's own `labels=` loss; decoding with its cache
+    equals the full forward."""
+    from ssa_tune.hf import CausalLM
+
+    model = converted("llama")
+    wrapped = CausalLM(model).eval()
+    x = ids(T=12)
+    with torch.no_grad():
+        logits, loss = wrapped(x[:, :-1], x[:, 1:])
+        assert torch.allclose(loss, model(x, labels=x).loss, atol=1e-6)
+        cache = wrapped.new_cache()
+        steps = [wrapped(x[:, :6], cache=cache)[0]] + [wrapped(x[:, t:t + 1], cache=cache)[0] for t in range(6, 11)]
+    assert torch.allclose(torch.cat(steps, dim=1), logits, atol=1e-5)
+    assert wrapped.ssa == model.ssa and wrapped.max_len == 64 and wrapped.aux_loss() is None
+
+
+def test_the_torch_free_list_of_model_types_matches_the_adapters():
+    """Validation checks config.json's model_type against config.HF_MODEL_TYPES without importing
+    transformers; each must name a class that `ssa_tune.hf` converts, and every adapter must be listed."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from ssa_tune.config import HF_MODEL_TYPES
+
+    assert set(HF_MODEL_TYPES.values()) == set(hf.FAMILIES)
+    for model_type, class_name in HF_MODEL_TYPES.items():  # what AutoModelForCausalLM makes of that model_type
+        assert MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type] == class_name

@@ -166,3 +166,78 @@ def test_decode_latency_times_the_generated_tokens_only():
     ms = decode_latency_ms(model, ds, torch.device("cpu"), n_tokens=4)
     assert ms < 40, ms  # 0.2 s of prefill over 4 tokens would be 50 ms a token
     assert calls.count(1) >= 4 and [c for c in calls if c > 1] == [calls[0]]  # one prefill, then one token a call
+
+
+# ------------------------------------------------------------------------------------------------ freeze
+
+
+def _step_and_compare(model, batch, lr=1e-2):
+    """One AdamW step on the model's parameter groups: (names in the optimizer, names whose value moved,
+    names that got a gradient)."""
+    from ssa_tune.optim import parameter_groups
+
+    groups = parameter_groups(model, lr, weight_decay=0.1)
+    in_opt = {id(p) for g in groups for p in g["params"]}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = batch
+    _, loss = model(x, y)
+    loss.backward()
+    torch.optim.AdamW(groups, lr=lr).step()
+    params = dict(model.named_parameters())
+    return ({n for n, p in params.items() if id(p) in in_opt},
+            {n for n, p in params.items() if not torch.equal(p.detach(), before[n])},
+            {n for n, p in params.items() if p.grad is not None})
+
+
+FREEZE_CASES = [  # (mode, arm) -> the parameter name prefixes that train; None: an error
+    ("none", "ssa", ("wte", "wpe", "blocks.0.", "blocks.1.", "blocks.2.", "blocks.3.", "ln_f")),
+    ("none", "baseline", ("wte", "wpe", "blocks.0.", "blocks.1.", "blocks.2.", "blocks.3.", "ln_f")),
+    ("base", "ssa", ("blocks.2.attn.temps.", "blocks.3.attn.temps.")),
+    ("base", "baseline", None),
+    ("below", "ssa", ("blocks.2.", "blocks.3.", "ln_f")),  # the converted layers (top 2) and above
+    ("below", "baseline", ("blocks.2.", "blocks.3.", "ln_f")),  # the same layers: the spec's ssa.layers
+]
+
+
+@pytest.mark.parametrize("mode,arm,trains", FREEZE_CASES, ids=[f"{m}-{a}" for m, a, _ in FREEZE_CASES])
+def test_freeze_decides_what_trains_in_the_built_in_gpt(mode, arm, trains):
+    """freeze: none | base | below for the built-in GPT, in both arms: what gets a gradient, what the
+    optimizer holds, what moves in a step. The output head is tied to the (frozen) input embedding."""
+    from ssa_tune import GPT, LayerPlacement
+    from ssa_tune.optim import freeze
+
+    layers = LayerPlacement(2, "top")
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=50, seq_len=16, n_layer=4, n_head=2, d_model=16)
+    ssa = SSAConfig(query_gate="shared", value_gate="shared", layers=layers) if arm == "ssa" else None
+    model = GPT(cfg, ssa)
+    if trains is None:
+        with pytest.raises(ValueError, match="^freeze: base trains only the SSA parameters"):
+            freeze(model, mode, layers)
+        return
+    counts = freeze(model, mode, layers)
+    names = {n for n, _ in model.named_parameters()}
+    expected = {n for n in names if n.startswith(trains)}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    assert counts["trainable"] == sum(p.numel() for n, p in model.named_parameters() if n in expected)
+    assert counts["trainable"] + counts["frozen"] == model.num_params()
+    x = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    in_opt, moved, with_grad = _step_and_compare(model, (x[:, :-1].contiguous(), x[:, 1:].contiguous()))
+    assert in_opt == expected and with_grad == expected
+    assert moved <= expected and len(moved) >= len(expected) - 2  # (a zero-initialised gate may sit still once)
+    if arm == "ssa" and mode != "none":
+        assert not any(n.startswith(("wte", "blocks.0.", "blocks.1.")) for n in moved)
+
+
+def test_a_frozen_trial_reports_what_it_trained():
+    ssa = SSAConfig(query_gate="shared", layers={"count": 1, "placement": "top"})
+    model = dict(n_layer=2, n_head=2, d_model=32)
+    _, full, _ = _train("markov", steps=4, ssa=ssa, model=model, latency_tokens=0)
+    _, below, _ = _train("markov", steps=4, ssa=ssa, model=model, latency_tokens=0, freeze="below")
+    _, base, _ = _train("markov", steps=4, ssa=ssa, model=model, latency_tokens=0, freeze="base")
+    assert full.trainable_params == full.n_params
+    assert base.trainable_params == base.ssa_params < below.trainable_params < below.n_params
+    assert below.metrics["trainable_params"] == below.trainable_params
+    # every run starts from the same model: the same loss before the first step
+    assert full.metrics["val_loss_at_start"] == below.metrics["val_loss_at_start"] == base.metrics["val_loss_at_start"]
+    assert full.metrics["val_ppl_at_start"] == pytest.approx(math.exp(full.metrics["val_loss_at_start"]))

