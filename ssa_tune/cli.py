@@ -172,8 +172,12 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
         _print_front(summary)
     if robust and robust.get("winner") in robust.get("configs", {}):
         w = robust["summary"][robust["winner"]]
+        rule = robust.get("rule")
+        how = (f"; search best was trial #{best['number']}" if best else
+               f"; among the front members where {' and '.join(rule['where']) or 'anything'}, by {rule['pick']}" if rule
+               else "")
         typer.echo(f"winner {robust['winner']} (robust score over {w['seeds']} fresh seeds): "
-                   f"{robust['objective']} {w['mean']:.4f} +- {w['std']:.4f}; search best was trial #{best['number']}")
+                   f"{robust['objective']} {w['mean']:.4f} +- {w['std']:.4f}{how}")
         for k, v in robust["configs"][robust["winner"]].items():
             typer.echo(f"  {k}: {v}")
     elif best:
@@ -441,11 +445,12 @@ def export(study: Annotated[str, typer.Argument(help="Study name.")],
            fmt: Annotated[Optional[str], typer.Option("--format", help="yaml or json (default: by suffix).")] = None,
            where: Annotated[Optional[list[str]], typer.Option("--where", help="A condition the winner must meet, e.g. \"latency_ms_per_token <= 0.6\" (repeatable).")] = None,
            pick: Annotated[Optional[str], typer.Option("--pick", help="Among those, the best by this metric (max:METRIC / min:METRIC to say which way).")] = None,
+           arm: Annotated[Optional[str], typer.Option("--arm", help="ssa or baseline: that arm's best, whichever won (e.g. the SSA settings to try elsewhere).")] = None,
            workdir: Workdir = None, storage: Storage = None, tracking_uri: Tracking = None):
     """Write the best configuration: its SSAConfig plus the model/training settings and metrics it was measured with.
 
     With --where/--pick (or the spec's `select:`), the winner is chosen by that rule, from the Pareto front of a
-    multi-objective study."""
+    multi-objective study. With --arm, among that arm's configurations only."""
     from . import study as st
     from .export import export_best
     from .selection import Rule, pick_direction
@@ -465,7 +470,7 @@ def export(study: Annotated[str, typer.Argument(help="Study name.")],
             raise UserError(str(e).split(": ", 1)[1], field="--where") from None
     if fmt is not None and output.suffix.lower() not in (f".{fmt}", ".yml" if fmt == "yaml" else ".json"):
         output = output.with_suffix(f".{fmt}")
-    path, info = export_best(loaded, target, output, rule)
+    path, info = export_best(loaded, target, output, rule, arm)
     typer.echo(f"wrote {path}: trial #{info['trial']} ({info['winner']}, {info['selected_by']}); "
                f"use: ssa_tune.convert(model, ssa_tune.load_config({str(path)!r}))")
 

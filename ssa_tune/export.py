@@ -27,17 +27,23 @@ def _metrics(target, run_id: str | None) -> dict[str, Any]:
         return {}
 
 
-def winner(study, spec, rule=None) -> dict[str, Any]:
+def winner(study, spec, rule=None, arm: str | None = None) -> dict[str, Any]:
     """What the study recommends: with a rule (--where/--pick, or the spec's `select:`), the trial it picks
     (from the Pareto front of a multi-objective study); else the robustness stage's winner when it ran (a
-    trial, or the baseline's default configuration when no baseline trial finished); else the search's best."""
+    trial, or the baseline's default configuration when no baseline trial finished); else the search's best.
+    With `arm` ("ssa" or "baseline"), the same among that arm's configurations only (the robustness stage's
+    choice for the arm: the one its verdict compared)."""
     from .robustness import ATTR_ROBUSTNESS
     from .selection import pareto_front
 
+    if arm is not None and arm not in spec.arms:
+        raise UserError(f"must be one of this study's arms ({', '.join(spec.arms)}), got {arm!r}", field="--arm")
     rob = study.user_attrs.get(ATTR_ROBUSTNESS)
-    if rule is not None and not (rob and rob.get("rule") == rule.to_dict() and rob.get("winner")):
+    picked = None if not rob else rob.get("winner") if arm is None else (rob.get("chosen") or {}).get(arm)
+    of_arm = "" if arm is None else f"the {arm} arm's best: "
+    if rule is not None and not (rob and rob.get("rule") == rule.to_dict() and picked):
         objectives = [o.metric for o in spec.objectives]
-        rows = st.rows(study, objectives)
+        rows = st.rows(study, objectives, arm)
         pool = pareto_front(rows, objectives, [o.direction for o in spec.objectives]) if spec.multi_objective else rows
         chosen = rule.choose(pool)
         if chosen is None:
@@ -47,24 +53,25 @@ def winner(study, spec, rule=None) -> dict[str, Any]:
                             f"{' and '.join(map(str, rule.where))} ({shown})", field="--where")
         t = study.trials[chosen["number"]]
         return {"id": chosen["id"], "trial": t, "params": dict(t.params), "robust": None, "rob": rob, "rule": rule,
-                "selected_by": f"rule over the {'Pareto front' if spec.multi_objective else 'complete trials'} "
+                "selected_by": f"{of_arm}rule over the {'Pareto front' if spec.multi_objective else 'complete trials'} "
                                f"(one seed each): {rule.describe()}"}
-    if rob and rob.get("winner"):
-        cid = rob["winner"]
+    if picked:
+        cid = picked
         row = rob["summary"][cid]
         trial = study.trials[int(cid.split("-", 1)[1])] if cid.startswith("trial-") else None
         fails = f", {row.get('failed', 0)} failed" if row.get("failed") else ""
-        by = (f"robust score over {row['seeds']} fresh seeds{fails}: {rob['objective']} "
+        by = (f"{of_arm}robust score over {row['seeds']} fresh seeds{fails}: {rob['objective']} "
               f"{row['mean']:.6g} +- {row['std']:.6g} (penalty {rob['penalty']})")
         if rob.get("rule"):
             by += f"; among the front members where {' and '.join(rob['rule']['where']) or 'anything'}"
         return {"id": cid, "trial": trial, "params": dict(rob["configs"][cid]), "robust": row, "rob": rob,
                 "selected_by": by, "rule": rob.get("rule")}
-    t = st.best_trial(study)
+    t = st.best_trial(study, arm)
     if t is None:
-        raise UserError(f"study {study.study_name!r} has no complete trial to export", field="STUDY")
+        what = f"study {study.study_name!r}" if arm is None else f"the {arm} arm of study {study.study_name!r}"
+        raise UserError(f"{what} has no complete trial to export", field="--arm" if arm else "STUDY")
     return {"id": f"trial-{t.number}", "trial": t, "params": dict(t.params), "robust": None, "rob": rob,
-            "selected_by": "best search objective (one seed; no robustness stage ran)"}
+            "selected_by": f"{of_arm}best search objective (one seed; no robustness stage ran)"}
 
 
 def spec_rule(spec):
@@ -82,7 +89,7 @@ def _g(v) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def export_best(study, target, path: Path, rule=None) -> tuple[Path, dict[str, Any]]:
+def export_best(study, target, path: Path, rule=None, arm: str | None = None) -> tuple[Path, dict[str, Any]]:
     spec = validate(st.study_spec(study), study.user_attrs.get(st.ATTR_SPEC_PATH, study.study_name), check_data=False)
     if rule is None:
         rule = spec_rule(spec)
@@ -90,7 +97,7 @@ def export_best(study, target, path: Path, rule=None) -> tuple[Path, dict[str, A
         raise UserError("a multi-objective study has a Pareto front, not one best trial: say how to choose, e.g. "
                         f"--pick {spec.objectives[0].metric} --where \"{spec.objectives[1].metric} <= ...\" "
                         "(or a `select:` section in the spec)", field="--pick")
-    w = winner(study, spec, rule)
+    w = winner(study, spec, rule, arm)
     dataset, model, train, ssa = spec.trial_config(w["params"])
     kind = "ssa" if ssa is not None else "baseline"
     t = w["trial"]
@@ -109,7 +116,9 @@ def export_best(study, target, path: Path, rule=None) -> tuple[Path, dict[str, A
     rule_used = w.get("rule")
     source = {"winner": kind, "selected_by": w["selected_by"],
               **({"rule": rule_used.to_dict() if hasattr(rule_used, "to_dict") else rule_used} if rule_used else {}),
-              "note": "SSA settings of the winning configuration" if kind == "ssa" else
+              "note": (f"the {arm} arm's best configuration (--arm {arm}), whichever arm won the study"
+                       + ("" if kind == "ssa" else "; this SSAConfig is the identity (convert leaves the model as it is)"))
+              if arm else "SSA settings of the winning configuration" if kind == "ssa" else
               "the baseline (plain attention) won; this SSAConfig is the identity (convert leaves the model as it is)"}
     if w["robust"] is not None:
         rob, row = w["rob"], w["robust"]

@@ -26,6 +26,12 @@ _RAY_KEYS = {"done", "training_iteration", "time_this_iter_s", "time_total_s", "
              "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "timesteps_total", "episodes_total",
              "timesteps_since_restore", "config", "ssa_tune.node_id"}
 NODE_KEY = "ssa_tune.node_id"
+
+
+def _ours(key: str) -> bool:
+    """A metric the trial reported, not one Ray adds (its bookkeeping, the flattened `config/...`)."""
+    return key not in _RAY_KEYS and not key.startswith("config/")
+
 KEY_ROBUST, KEY_VARIANT = "ssa_tune.robust", "ssa_tune.variant"  # a robustness run (not an Optuna trial)
 
 
@@ -308,7 +314,7 @@ def _searcher_class():
             elif float(last.get("progress", 0.0)) < 1.0:
                 res = {"ok": False, "reason": "never finished (stopped before its end)"}
             else:
-                res = {"ok": True, "metrics": {k: v for k, v in last.items() if k not in _RAY_KEYS}}
+                res = {"ok": True, "metrics": {k: v for k, v in last.items() if _ours(k)}}
             self._mirror.finish(job["key"], "COMPLETE" if res["ok"] else "FAIL", res.get("reason"))
             self.plan.record(job, res)
 
@@ -343,7 +349,7 @@ def _searcher_class():
                 self._last[trial_id] = result
                 if result.get("step") is not None:
                     self._mirror.metrics(self._keys[trial_id], {k: v for k, v in result.items()
-                                                                if k not in _RAY_KEYS}, int(result["step"]))
+                                                                if _ours(k)}, int(result["step"]))
                 return
             ot = self._ot.get(trial_id)
             if ot is None or trial_id in self._done:
@@ -362,7 +368,7 @@ def _searcher_class():
                 self._study._storage.set_trial_user_attr(ot._trial_id, st.T_NODE, node)
                 self._mirror.tags(self._keys[trial_id], {"ssa_tune.node_id": node["node_id"],
                                                          "ssa_tune.node_ip": node["ip"]})
-            self._mirror.metrics(self._keys[trial_id], {k: v for k, v in result.items() if k not in _RAY_KEYS},
+            self._mirror.metrics(self._keys[trial_id], {k: v for k, v in result.items() if _ours(k)},
                                  int(step))
             if len(self.objectives) == 1:
                 v = result.get(self.objectives[0].metric)
@@ -404,7 +410,7 @@ def _searcher_class():
             if reason:
                 storage.set_trial_user_attr(ot._trial_id, st.T_REASON, reason)
             if result:  # every metric's last value, so rules (--where) can read them without MLflow
-                final = {k: float(v) for k, v in result.items() if k not in _RAY_KEYS and isinstance(v, (int, float))
+                final = {k: float(v) for k, v in result.items() if _ours(k) and isinstance(v, (int, float))
                          and not isinstance(v, bool) and math.isfinite(v) and not k.startswith(("layer", "probe."))}
                 storage.set_trial_user_attr(ot._trial_id, st.T_FINAL, final)
             # Optuna takes no value with FAIL, and records a PRUNED trial's last intermediate value itself

@@ -87,6 +87,11 @@ def test_quickstart_study_end_to_end(write_spec, tmp_path):
     assert exported["study"]["trial"] == study.best_trial.number
     assert exported["model"]["d_model"] == 32 and exported["train"]["lr"] == pytest.approx(study.best_params["train.lr"])
     assert exported["source"]["winner"] == ("ssa" if study.best_params["ssa.enabled"] else "baseline")
+    # the trial's own metrics only: none of Ray's bookkeeping or its flattened `config/...` copies
+    assert "val_loss" in exported["metrics"]
+    assert not [k for k in exported["metrics"] if k.startswith("config/") or k in ("time_total_s", "pid")]
+    for run in children:
+        assert not [k for k in run.data.metrics if k.startswith("config/")], run.data.metrics
 
     # another project: load_config + convert in a fresh process
     code = (
@@ -251,6 +256,18 @@ def test_robustness_stage_report_and_robust_export(write_spec, tmp_path):
     exported = json.loads(out.read_text())
     assert f"trial-{exported['study']['trial']}" == rep["winner"]
     assert exported["source"]["selected_by"].startswith("robust score over 2 fresh seeds")
+    # --arm: each arm's configuration the verdict compared, whichever won (the SSA settings to try elsewhere)
+    for arm, config in (("ssa", v["ssa_config"]), ("baseline", v["baseline_config"])):
+        out = tmp_path / f"{arm}.json"
+        run_cli("export", "tiny", "-o", out, "--arm", arm, "--workdir", wd)
+        exported = json.loads(out.read_text())
+        assert f"trial-{exported['study']['trial']}" == config and exported["source"]["winner"] == arm
+        assert exported["source"]["selected_by"].startswith(f"the {arm} arm's best: robust score over 2 fresh seeds")
+        assert (exported["ssa"]["query_position"] == "none") == (arm == "baseline")
+    bad = run_cli("export", "tiny", "-o", tmp_path / "x.json", "--arm", "both", "--workdir", wd, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == \
+        "error: --arm: must be one of this study's arms (baseline, ssa), got 'both'"
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_ui_serves_the_study_on_loopback(tmp_path):
