@@ -221,8 +221,8 @@ def plot(eff: dict, path: Path) -> None:
     ax.set_xlabel("training steps spent (all trials, in the order they ended)")
     ax.set_ylabel("best val_loss so far (complete trials)")
     s = eff["tpe_asha_vs_random"]
-    ax.set_title(f"Anytime best, {len(eff['seeds'])} sampler seeds; TPE + ASHA matches random search's final best "
-                 f"with 1/{s['median']:.2g} of its compute (median)" if s["median"] else "Anytime best")
+    ax.set_title(f"Anytime best, {len(eff['seeds'])} sampler seeds\nTPE + ASHA matches random search's final best "
+                 f"with 1/{s['median']:.2g} of its compute (median)" if s["median"] else "Anytime best", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
