@@ -406,8 +406,10 @@ def _html(study: optuna.Study, spec, report: dict, imps: dict) -> str:
     else:
         robustness_html = "<p>No robustness stage ran: add a <code>robustness:</code> section or run <code>ssa-tune robustness STUDY</code>.</p>"
     c = report["trials"]
-    meta = (f"dataset <code>{html.escape(json.dumps(report['dataset']))}</code> · objective {html.escape(metric)} "
-            f"({report['objectives'][0]['direction']}) · {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed")
+    objectives = ", ".join(f"{html.escape(o['metric'])} ({o['direction']})" for o in report["objectives"])
+    meta = (f"dataset <code>{html.escape(json.dumps(report['dataset']))}</code> · "
+            f"objective{'s' if len(report['objectives']) > 1 else ''} {objectives} · "
+            f"{c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed")
     return Template(dash.joinpath("report.html").read_text()).substitute(
         study=html.escape(study.study_name), css=dash.joinpath("report.css").read_text(),
         plotlyjs=plotly.offline.get_plotlyjs(), meta=meta, verdict_class=vclass, verdict_html=verdict_html,

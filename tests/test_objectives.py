@@ -124,6 +124,8 @@ def test_two_objectives_with_an_end_of_trial_metric(tmp_path, sampler):
     report = json.loads((wd / "reports" / "tiny" / "report.json").read_text())
     assert {t["number"] for t in report["pareto"]["trials"] if t["on_front"]} == {t.number for t in study.best_trials}
     assert (wd / "reports" / "tiny" / "front.png").exists() and rep.returncode == 0
+    page = (wd / "reports" / "tiny" / "report.html").read_text()
+    assert "objectives val_loss (minimize), latency_ms_per_token (minimize)" in page  # both, not the first alone
 
 
 @pytest.mark.slow
