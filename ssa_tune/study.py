@@ -125,7 +125,6 @@ def open_storage(url: str, create: bool = True) -> RetryingRDBStorage:
     write. A file that is not a study database, or one of another Optuna schema, is one clear UserError."""
     path = _sqlite_path(url)
     kwargs: dict[str, Any] = {}
-    new = path is None or not path.exists()  # a new database: its tables get created below
     if path is not None:
         if not create and not path.exists():
             raise UserError(f"no study database at {path}", field="storage")
@@ -140,8 +139,9 @@ def open_storage(url: str, create: bool = True) -> RetryingRDBStorage:
     elif url.startswith("postgresql"):
         kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     try:
-        # two processes opening a new database at once would both create its tables
-        with study_lock(url, "__schema__") if new else contextlib.nullcontext():
+        # two processes opening a new database at once would both create its tables; an existing SQLite
+        # file says nothing (its first opener makes the file before the tables), so every opener waits its turn
+        with study_lock(url, "__schema__"):
             return RetryingRDBStorage(url, engine_kwargs=kwargs, skip_compatibility_check=False)
     except UserError:
         raise

@@ -52,6 +52,33 @@ def test_concurrent_sqlite_writers_lose_nothing(tmp_path):
         assert t.intermediate_values == {1: t.params["x"]}
 
 
+OPEN_AT = """
+import sys, time
+from ssa_tune.study import open_storage
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+open_storage(sys.argv[1])
+"""
+
+
+def test_processes_opening_a_new_sqlite_storage_at_once_all_succeed(tmp_path):
+    """A driver creates the file, then its tables; a `status` (or a second driver) that opens the database in
+    between must wait for the tables, not create them again (UNIQUE constraint failed: alembic_version,
+    seen in CI). The file exists, empty, when 6 processes open it at the same instant."""
+    import time
+
+    for attempt in range(3):
+        db = tmp_path / f"new{attempt}.db"
+        db.touch()  # made by sqlite3.connect in the first opener, tables not yet created
+        url = f"sqlite:///{db}"
+        start = time.time() + 4.0
+        procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT, url, str(start)], cwd=ROOT,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert all(p.returncode == 0 for p in procs), "\n".join(e[-600:] for e in errors if e)
+        assert optuna.get_all_study_summaries(open_storage(url)) == []
+
+
 def test_sqlite_storage_is_in_wal_mode(tmp_path):
     import sqlite3
 
