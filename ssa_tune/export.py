@@ -74,15 +74,20 @@ def winner(study, spec, rule=None, arm: str | None = None) -> dict[str, Any]:
             "selected_by": f"{of_arm}best search objective (one seed; no robustness stage ran)"}
 
 
-def spec_rule(spec):
-    """The spec's own `select:` rule, if it has one."""
+def make_rule(spec, where, pick: str | None):
+    """The rule of `--where`/`--pick` (or of a `select:` section) for this spec's study: `pick` defaults to the
+    first objective and takes an objective's own direction. Raises ValueError("where: ...") on a bad condition."""
     from .selection import Rule, pick_direction
 
+    metric, direction = pick_direction(pick or spec.objectives[0].metric,
+                                       {o.metric: o.direction for o in spec.objectives})
+    return Rule.parse(where, metric, direction)
+
+
+def spec_rule(spec):
+    """The spec's own `select:` rule, if it has one."""
     sel = getattr(spec, "select", None)
-    if not sel:
-        return None
-    metric, direction = pick_direction(sel["pick"], {o.metric: o.direction for o in spec.objectives})
-    return Rule.parse(sel.get("where"), metric, direction)
+    return make_rule(spec, sel.get("where"), sel["pick"]) if sel else None
 
 
 def _g(v) -> str:

@@ -145,26 +145,29 @@ ARM_COLOURS = {"baseline": "#8250df", "ssa": "#1a7f37"}
 
 
 def _front_data(study: optuna.Study, spec) -> dict:
-    from .driver import front
+    from .selection import pareto_front
 
     objectives, directions = [o.metric for o in spec.objectives], [o.direction for o in spec.objectives]
     rows = st.rows(study, objectives)
-    on_front = {m["number"] for m in front(study, objectives, directions)}
+
+    def front(members: list[dict]) -> list[int]:
+        return sorted(r["number"] for r in pareto_front(members, objectives, directions))
+
+    on_front = set(front(rows))
     return {"objectives": objectives, "directions": directions,
             "trials": [{"number": r["number"], "arm": r["arm"], "values": [r["metrics"][o] for o in objectives],
                         "on_front": r["number"] in on_front} for r in rows],
-            "front_by_arm": {arm: [m["number"] for m in front(study, objectives, directions, arm)] for arm in spec.arms}}
+            "front_by_arm": {arm: front([r for r in rows if r["arm"] == arm]) for arm in spec.arms}}
 
 
-def _front_figure(study: optuna.Study, spec):
-    """The first two objectives: every complete trial by arm, each arm's own front as a line, the study's
-    front filled, dominated trials hollow."""
+def _front_figure(data: dict, arms):
+    """The first two objectives (`report["pareto"]`): every complete trial by arm, each arm's own front as a
+    line, the study's front filled, dominated trials hollow."""
     import plotly.graph_objects as go
 
-    data = _front_data(study, spec)
     x_name, y_name = data["objectives"][:2]
     fig = go.Figure()
-    for arm in spec.arms:
+    for arm in arms:
         mine = [t for t in data["trials"] if t["arm"] == arm]
         colour = ARM_COLOURS.get(arm, "#0969da")
         fig.add_trace(go.Scatter(
@@ -188,14 +191,14 @@ def _div(fig, cls: str = "plot") -> str:
     return f'<div class="{cls}">{fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})}</div>'
 
 
-def _search_figures(study: optuna.Study, spec, imps) -> list[str]:
+def _search_figures(study: optuna.Study, spec, imps, report: dict) -> list[str]:
     from optuna import visualization as vis
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     figs = []
     if len(spec.objectives) > 1:
         if len(done) >= 1:
-            figs.append(_div(_front_figure(study, spec), "plot wide"))
+            figs.append(_div(_front_figure(report["pareto"], spec.arms), "plot wide"))
         return figs
     figs.append(_div(vis.plot_optimization_history(study, target_name=spec.objectives[0].metric)))
     if any(t.intermediate_values for t in study.trials):
@@ -415,7 +418,7 @@ def _html(study: optuna.Study, spec, report: dict, imps: dict) -> str:
         plotlyjs=plotly.offline.get_plotlyjs(), meta=meta, verdict_class=vclass, verdict_html=verdict_html,
         winner_html=winner_html, guard_html=guard_html, importance_html=importance_html,
         robustness_html=robustness_html, resamples=report["importance_resamples"],
-        search_html=f'<div class="plots">{"".join(_search_figures(study, spec, imps))}</div>',
+        search_html=f'<div class="plots">{"".join(_search_figures(study, spec, imps, report))}</div>',
         version=__version__, generated=report["generated"])
 
 

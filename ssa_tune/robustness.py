@@ -83,9 +83,10 @@ class Plan:
             raise UserError(f"study {study.study_name!r} has no complete trial to re-run"
                             + (f" that satisfies {self.rule.describe()}" if self.rule else ""), field="STUDY")
         pool.sort(key=lambda row: (sign * row["metrics"][self.objective.metric], row["number"]))
-        seen: set[str] = set()  # a configuration once (a re-run of a lost trial has the same parameters)
-        pool = [row for row in pool if not (repr(sorted(row["params"].items())) in seen
-                                            or seen.add(repr(sorted(row["params"].items()))))]
+        unique: dict[str, dict] = {}  # a configuration once (a re-run of a lost trial has the same parameters)
+        for row in pool:
+            unique.setdefault(repr(sorted(row["params"].items())), row)
+        pool = list(unique.values())
         self.configs = {row["id"]: dict(row["params"]) for row in pool[:int(r["top_k"])]}
         self.arms = {row["id"]: row["arm"] for row in rows.values()}
         self.best_of_arm: dict[str, str] = {}

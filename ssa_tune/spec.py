@@ -504,10 +504,10 @@ def _check_select(sel, file: str) -> dict | None:
         where = [where]
     if not isinstance(where, list) or not all(isinstance(w, str) for w in where):
         raise _err(file, "select.where", "must be a list of conditions like 'latency_ms_per_token <= 0.6'")
-    from .selection import Rule
+    from .selection import Rule, pick_direction
 
     try:
-        Rule.parse(where, pick.partition(":")[2] if pick.startswith(("min:", "max:")) else pick, "minimize")
+        Rule.parse(where, pick_direction(pick, {})[0], "minimize")
     except ValueError as e:
         raise _err(file, "select.where", str(e).split(": ", 1)[1]) from None
     return {"where": list(where), "pick": pick}
@@ -533,13 +533,12 @@ def _check_metrics(spec: JobSpec) -> None:
                        "stopping needs a metric of every evaluation (set scheduler.metric, e.g. val_loss, or "
                        "scheduler.kind: none)")
     if spec.select:
-        from .selection import Rule
+        from .selection import Rule, pick_direction
 
         for w in spec.select["where"]:
             for cond in Rule.parse([w], "val_loss", "minimize").where:
                 known(cond.metric, "select.where")
-        pick = spec.select["pick"]
-        known(pick.partition(":")[2] if pick.startswith(("min:", "max:")) else pick, "select.pick")
+        known(pick_direction(spec.select["pick"], {})[0], "select.pick")
 
 
 def _unknown(d: dict, known: set, file: str, section: str) -> None:
