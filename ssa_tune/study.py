@@ -128,20 +128,19 @@ def open_storage(url: str, create: bool = True) -> RetryingRDBStorage:
     if path is not None:
         if not create and not path.exists():
             raise UserError(f"no study database at {path}", field="storage")
+        if path.exists():  # a file that is not a study database: one line, before a lock file is made beside it
+            _sqlite_check(path, wal=False)
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with contextlib.closing(sqlite3.connect(path)) as con:
-                con.execute("PRAGMA journal_mode=WAL")
-                con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
-        except sqlite3.DatabaseError as e:
-            raise UserError(f"{path}: not a readable study database ({e})", field="storage") from None
         kwargs = {"connect_args": {"timeout": 60}}
     elif url.startswith("postgresql"):
         kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     try:
-        # two processes opening a new database at once would both create its tables; an existing SQLite
-        # file says nothing (its first opener makes the file before the tables), so every opener waits its turn
+        # two processes opening a new database at once would both create its tables (or switch a new SQLite
+        # file to WAL while the other writes them); an existing SQLite file says nothing (its first opener makes
+        # the file before the tables), so every opener waits its turn
         with study_lock(url, "__schema__"):
+            if path is not None:
+                _sqlite_check(path, wal=True)
             return RetryingRDBStorage(url, engine_kwargs=kwargs, skip_compatibility_check=False)
     except UserError:
         raise
@@ -150,6 +149,17 @@ def open_storage(url: str, create: bool = True) -> RetryingRDBStorage:
         if "compatible" in first or "schema" in first.lower():
             raise UserError(f"{redact(url)}: written by another Optuna version: {first}", field="storage") from None
         raise UserError(f"cannot open {redact(url)}: {first}", field="storage") from None
+
+
+def _sqlite_check(path: Path, wal: bool) -> None:
+    """Read the file's schema (a UserError when it is no SQLite database) and, with `wal`, switch it to WAL."""
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=60)) as con:
+            if wal:
+                con.execute("PRAGMA journal_mode=WAL")
+            con.execute("SELECT name FROM sqlite_master LIMIT 1").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise UserError(f"{path}: not a readable study database ({e})", field="storage") from None
 
 
 def check_storage(url: str) -> None:
