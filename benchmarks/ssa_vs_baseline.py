@@ -111,8 +111,8 @@ def summarise(task: dict, runs: dict[str, dict[int, dict]], seeds: list[int]) ->
             for m in metrics:
                 b = [base[s][m] for s in seeds]
                 x = [per_seed[s][m] for s in seeds]
-                d = paired_difference(x, b)
                 up = out["higher_is_better"][m]
+                d = paired_difference(x, b, direction="maximize" if up else "minimize")
                 ahead = sum((xi > bi) if up else (xi < bi) for xi, bi in zip(x, b))
                 clear = d["low"] is not None and (d["low"] > 0 or d["high"] < 0)
                 better = d["diff"] > 0 if up else d["diff"] < 0

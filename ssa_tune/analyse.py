@@ -160,18 +160,24 @@ def rank_stability(results: dict[str, list[float]]) -> float | None:
     return statistics.fmean(taus) if taus else None
 
 
-def paired_difference(a: Sequence[float | None], b: Sequence[float | None], confidence: float = 0.95) -> dict[str, Any]:
-    """mean(a_i - b_i) over the seeds where both finished, with a paired t interval.
+def paired_difference(a: Sequence[float | None], b: Sequence[float | None], confidence: float = 0.95,
+                      direction: str = "minimize") -> dict[str, Any]:
+    """mean(a_i - b_i) over the seeds, with a fixed-n paired t interval (the sequential decision is
+    `ssa_tune.verdict`; this is for benchmarks that run a fixed number of seeds).
 
     a[i] and b[i] are runs with the same seed (same batches, same initialisation of the shared weights, the
     same evaluation data), so their difference cancels what the seed does to both; the interval is over
-    those per-seed differences (n - 1 degrees of freedom)."""
+    those per-seed differences (n - 1 degrees of freedom). A run that failed counts against its side, at the
+    worst value any run reached (`verdict.paired_values`); `failed` says how many on each side."""
     from scipy import stats
 
-    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
-    diffs = [x - y for x, y in pairs]
+    from .verdict import paired_values
+
+    p = paired_values(a, b, direction)
+    diffs = p["diffs"]
     out: dict[str, Any] = {"diff": None, "low": None, "high": None, "n": len(diffs), "confidence": confidence,
-                           "method": f"paired t over {len(diffs)} shared seeds", "per_seed": diffs}
+                           "method": f"paired t over {len(diffs)} shared seeds", "per_seed": diffs,
+                           "failed": p["failed"]}
     if not diffs:
         return out
     out["diff"] = statistics.fmean(diffs)
@@ -181,29 +187,6 @@ def paired_difference(a: Sequence[float | None], b: Sequence[float | None], conf
     half = 0.0 if se == 0 else stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1) * se
     out["low"], out["high"] = out["diff"] - half, out["diff"] + half
     return out
-
-
-def verdict(ssa: Sequence[float | None], baseline: Sequence[float | None], direction: str, metric: str,
-            costs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Does SSA help on this dataset? The paired difference SSA - baseline over shared seeds, in words."""
-    d = paired_difference(ssa, baseline)
-    better_sign = -1.0 if direction == "minimize" else 1.0
-    pct = int(round(100 * d["confidence"]))
-    if d["diff"] is None:
-        answer = "undecided: no seed on which both SSA and the baseline finished"
-    elif d["low"] is None:
-        answer = (f"undecided: {metric} SSA - baseline = {d['diff']:+.4g} on {d['n']} shared seed; an interval "
-                  f"needs at least 2")
-    elif d["low"] > 0 or d["high"] < 0:
-        helps = (d["diff"] * better_sign) > 0
-        answer = (f"SSA {'helps' if helps else 'hurts'}: {metric} {'-' if d['diff'] < 0 else '+'}"
-                  f"{abs(d['diff']):.4g} vs the baseline, and the {pct} % paired interval over {d['n']} seeds "
-                  f"[{d['low']:+.4g}, {d['high']:+.4g}] excludes 0")
-    else:
-        answer = (f"no clear difference: {metric} SSA - baseline = {d['diff']:+.4g}, {pct} % paired interval over "
-                  f"{d['n']} seeds [{d['low']:+.4g}, {d['high']:+.4g}] contains 0")
-    return {"metric": metric, "direction": direction, "ssa_minus_baseline": d, "answer": answer,
-            "costs": costs or {}}
 
 
 def long_range_flags(long: dict[str, list[float | None]], baseline_id: str, tolerance: float = 0.0) -> dict[str, bool]:

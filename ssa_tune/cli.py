@@ -155,6 +155,8 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
         rep = _write_report(loaded, target, None, say)
         summary["report"] = rep.get("path")
         summary["verdict"] = (rep.get("verdict") or {}).get("answer")
+        summary["decision"] = (rep.get("verdict") or {}).get("decision")
+        summary["recommendation"] = ((rep.get("verdict") or {}).get("recommendation") or {}).get("text")
         summary["winner"] = rep.get("winner")
     if as_json:
         sys.stdout.flush()
@@ -184,6 +186,10 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
         typer.echo(f"best trial #{best['number']} ({best['arm']}): {s.objectives[0].metric} = {_num(best['value'])}")
         for k, v in best["params"].items():
             typer.echo(f"  {k}: {v}")
+    if summary.get("verdict"):
+        typer.echo(f"verdict: {summary['verdict']}")
+        if summary.get("recommendation"):
+            typer.echo(f"recommendation: {summary['recommendation']}")
     where = ""
     if target.workdir != Path(".ssa_tune").resolve() and not in_ray_job():
         where = f" --workdir {target.workdir}"
@@ -352,6 +358,11 @@ def status(study: Annotated[Optional[str], typer.Argument(help="Study name.")] =
 
         since = datetime.datetime.fromtimestamp(w["since"]).strftime("%H:%M:%S")
         typer.echo(f"  waiting for resources since {since}: {w['pending']} trial(s) ask {w['asks']}")
+    v = summary.get("verdict")
+    if v:
+        typer.echo(f"  verdict: {v['answer']}")
+        if v.get("recommendation"):
+            typer.echo(f"  recommendation: {v['recommendation']}")
     if summary["mlflow_pending"]:
         typer.echo(f"  MLflow: not yet mirrored: {', '.join(summary['mlflow_pending'])} "
                    f"(ssa-tune sync {summary['study']} re-sends them)")

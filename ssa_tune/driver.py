@@ -344,7 +344,21 @@ def status(study, target: Target) -> dict[str, Any]:
         "waiting_for_resources": waiting if waiting and drivers else None,
         "mlflow_pending": sorted(pending_mirror(study)),
         "has_spec": spec_raw is not None,
+        "verdict": _verdict_summary(study),
     } | (_fronts(study, spec_raw, arms) if multi and spec_raw else {})
+
+
+def _verdict_summary(study) -> dict[str, Any] | None:
+    """The robustness stage's answer, as far as it got: decision, its line, the recommendation."""
+    from .robustness import ATTR_ROBUSTNESS
+
+    v = (study.user_attrs.get(ATTR_ROBUSTNESS) or {}).get("verdict")
+    if not v:
+        return None
+    alone = (v.get("contrasts") or {}).get("ssa_alone") or {}
+    return {"decision": v.get("decision", "undecided"), "answer": v.get("answer"),
+            "recommendation": (v.get("recommendation") or {}).get("text"),
+            "ssa_alone": alone.get("decision"), "seed_pairs": len(v.get("seeds") or [])}
 
 
 def _fronts(study, spec_raw: str, arms: list[str]) -> dict[str, Any]:

@@ -132,7 +132,11 @@ def export_best(study, target, path: Path, rule=None, arm: str | None = None) ->
         if lc.get("flagged", {}).get(w["id"]):
             source["long_range_guard"] = "below the baseline's long-context accuracy (constraint off)"
         if rob.get("verdict"):
-            source["verdict"] = rob["verdict"]["answer"]
+            v = rob["verdict"]
+            source["verdict"] = v["answer"]
+            source["decision"] = v.get("decision", "undecided")
+            if v.get("recommendation"):
+                source["recommendation"] = v["recommendation"]["text"]
     path = save_config(ssa or IDENTITY, path, model=model.to_dict(), train=train.to_dict(), dataset=dataset,
                        metrics=metrics, study=info, source=source)
     how = "robust score" if w["robust"] is not None else "rule" if rule_used else "search best"

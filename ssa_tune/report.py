@@ -99,7 +99,7 @@ def _search_verdict(study: optuna.Study, objective) -> dict | None:
     if not all(best.values()):
         return None
     diff = best["ssa"].values[0] - best["baseline"].values[0]
-    return {"metric": objective.metric, "direction": objective.direction, "costs": {},
+    return {"metric": objective.metric, "direction": objective.direction, "costs": {}, "decision": "undecided",
             "ssa_minus_baseline": {"diff": diff, "low": None, "high": None, "n": 1, "method": "search best of each arm"},
             "answer": (f"undecided: the best SSA trial #{best['ssa'].number} minus the best baseline trial "
                        f"#{best['baseline'].number} is {diff:+.4g} {objective.metric} on one seed each; the "
@@ -296,18 +296,20 @@ COST_LABELS = {
 }
 
 
+def _interval_text(d: dict, eq: bool = False) -> str:
+    lo, hi = (d.get("eq_low"), d.get("eq_high")) if eq else (d.get("low"), d.get("high"))
+    return "–" if lo is None else f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
 def _summary_table(report: dict, v: dict) -> str:
-    """The decision-maker's table: quality, efficiency and stability of the chosen SSA configuration vs the best
-    baseline, each with what it was measured on."""
-    d = v["ssa_minus_baseline"]
-    metric = v["metric"]
+    """The decision-maker's table: quality (both contrasts), convergence, efficiency and stability of the chosen
+    SSA configuration vs the best baseline, each with what it was measured on."""
     conf = report.get("confirmation") or {}
     seeds = conf.get("seeds") or []
-    where = (f"{len(seeds)} seeds ({seeds[0]}..{seeds[-1]}) shared by both, not used to choose either configuration"
-             if seeds else d.get("method", ""))
-    rows = []
     values = conf.get("values") or {}
-    ssa_id, base_id = v.get("ssa_config"), v.get("baseline_config")
+    roles = conf.get("roles") or {}
+    where = (f"{len(seeds)} seeds ({seeds[0]}..{seeds[-1]}) shared by all, not used to choose any configuration"
+             if seeds else "")
 
     def spread(cid):
         vals = [x for x in values.get(cid, []) if x is not None]
@@ -317,20 +319,60 @@ def _summary_table(report: dict, v: dict) -> str:
         std = (sum((x - mean) ** 2 for x in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
         return f"{_fmt(mean)} ± {_fmt(std, 2)}"
 
-    interval = "–" if d["low"] is None else f"[{_fmt(d['low'])}, {_fmt(d['high'])}]"
-    rows.append([f"quality: {metric}", spread(ssa_id), spread(base_id),
-                 f"{'–' if d['diff'] is None else _fmt(d['diff'])} {interval}",
-                 f"paired difference, {int(100 * d.get('confidence', 0.95))} % t interval over {where}"])
+    rows = []
+    for name, c in (v.get("contrasts") or {}).items():
+        d = c["ssa_minus_baseline"]
+        role = "ssa" if name == "deploy" else "ssa_alone"
+        label = "quality, deploy" if name == "deploy" else "quality, SSA alone"
+        rows.append([f"{label}: {c['metric']}", f"{spread(roles.get(role))} ({html.escape(str(roles.get(role)))})",
+                     spread(roles.get("baseline")),
+                     f"<b>{html.escape(c['decision'])}</b> {_fmt(d['diff'])} {_interval_text(d)}",
+                     html.escape(f"{c['what']}; paired by seed, {int(round(100 * d['confidence']))} % repeated "
+                                 f"interval (group-sequential, {len(c['looks'])} look(s)) over {where}; margin "
+                                 f"{c['margin_text']}; failed seeds SSA {c['failed']['ssa']}, baseline "
+                                 f"{c['failed']['baseline']}")])
+    conv = v.get("convergence") or {}
+    if conv.get("ratio") is not None:
+        interval = "–" if conv.get("low") is None else f"[×{_fmt(conv['low'], 3)}, ×{_fmt(conv['high'], 3)}]"
+        cens = f"; SSA never reached it on {conv['censored']} seed(s) (counted at its whole budget)" \
+            if conv.get("censored") else ""
+        rows.append(["convergence: tokens to the baseline's final value", "", "",
+                     f"× {_fmt(conv['ratio'], 3)} {interval}",
+                     html.escape(f"{conv['what']}; {int(round(100 * conv['confidence']))} % t interval over "
+                                 f"{conv['n']} seeds{cens}")])
     for key, c in (v.get("costs") or {}).items():
         label, what = COST_LABELS.get(key, (key, ""))
+        tol = (v.get("recommendation") or {}).get("max_cost", {}).get(key)
         rows.append([f"efficiency: {label}", f"{_fmt(c['ssa'])} ± {_fmt(c.get('ssa_std'), 2)}",
                      f"{_fmt(c['baseline'])} ± {_fmt(c.get('baseline_std'), 2)}",
-                     f"× {_fmt(c.get('ratio'), 3)}", f"{what}; mean ± std over the same runs"])
+                     f"× {_fmt(c.get('ratio'), 3)}" + (f" (tolerance ×{_fmt(tol, 3)})" if tol else ""),
+                     f"{what}; mean ± std over the deploy contrast's runs"])
     rows.append(["stability", "± is the std over seeds", "", "",
                  "each configuration re-trained with its own seeds; the robustness table below has every seed"])
-    head = ["", f"SSA ({ssa_id or '–'})", f"baseline ({base_id or '–'})", "SSA − baseline / SSA ÷ baseline",
+    head = ["", "SSA", f"baseline ({roles.get('baseline') or '–'})", "decision, SSA − baseline / SSA ÷ baseline",
             "measured on"]
     return _table(head, rows)
+
+
+def _verdict_html(report: dict) -> tuple[str, str]:
+    """The first screen's answer: the recommendation, each contrast's decision line, the table."""
+    v = report["verdict"]
+    if v is None:
+        return "<p>No finished runs of both SSA and the baseline yet.</p>", "unclear"
+    decision = v.get("decision", "undecided")
+    vclass = {"helps": "helps", "hurts": "hurts", "equivalent": "equivalent"}.get(decision, "unclear")
+    rec = (v.get("recommendation") or {}).get("text")
+    out = f'<p class="big">{html.escape(rec or v["answer"])}</p>'
+    contrasts = v.get("contrasts") or {}
+    if contrasts:
+        out += "<ul>" + "".join(f"<li><b>{'deploy' if n == 'deploy' else 'SSA alone'}</b> "
+                                f"({html.escape(c['what'])}): {html.escape(c['answer'])}</li>"
+                                for n, c in contrasts.items()) + "</ul>"
+    else:
+        out += f"<p>{html.escape(v['answer'])}</p>"
+    if report.get("confirmation"):
+        out += _summary_table(report, v)
+    return out, vclass
 
 
 def _html(study: optuna.Study, spec, report: dict, imps: dict) -> str:
@@ -340,14 +382,7 @@ def _html(study: optuna.Study, spec, report: dict, imps: dict) -> str:
 
     dash = resources.files("dashboards")
     metric = report["objectives"][0]["metric"]
-    v = report["verdict"]
-    if v is None:
-        verdict_html, vclass = "<p>No finished runs of both SSA and the baseline yet.</p>", "unclear"
-    else:
-        vclass = "helps" if v["answer"].startswith("SSA helps") else "hurts" if v["answer"].startswith("SSA hurts") else "unclear"
-        verdict_html = f'<p class="big">{html.escape(v["answer"].split(":")[0])}</p><p>{html.escape(v["answer"])}</p>'
-        if report.get("confirmation"):
-            verdict_html += _summary_table(report, v)
+    verdict_html, vclass = _verdict_html(report)
     winner = report["winner"]
     rob = report["robustness"]
     if winner and rob and winner in rob:
@@ -439,7 +474,14 @@ def log_to_mlflow(study: optuna.Study, target: Target, out_dir: Path, report: di
     v = report.get("verdict")
     if v and v["ssa_minus_baseline"]["diff"] is not None:
         metrics["verdict.ssa_minus_baseline"] = v["ssa_minus_baseline"]["diff"]
-    tags = {"ssa_tune.verdict": v["answer"] if v else "undecided", "ssa_tune.winner": str(report["winner"])}
+    tags = {"ssa_tune.verdict": v["answer"] if v else "undecided", "ssa_tune.winner": str(report["winner"]),
+            "ssa_tune.decision": (v or {}).get("decision", "undecided")}
+    if v and v.get("recommendation"):
+        tags["ssa_tune.recommendation"] = v["recommendation"]["text"]
+    if v and (v.get("contrasts") or {}).get("ssa_alone"):
+        tags["ssa_tune.decision_ssa_alone"] = v["contrasts"]["ssa_alone"]["decision"]
+    if v and (v.get("convergence") or {}).get("ratio") is not None:
+        metrics["verdict.convergence_ratio"] = v["convergence"]["ratio"]
     tracker.log_study(parent, metrics=metrics, tags=tags)
     url = experiment_url(target.tracking, tracker.experiment_id)
     return f"{url.removesuffix('/runs')}/runs/{parent}" if url else None

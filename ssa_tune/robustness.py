@@ -4,9 +4,12 @@ then confirm SSA against the baseline on seeds nobody chose anything on.
 1. Selection: the top-k trials and the best trial of each arm, each re-trained on `seeds` fresh training
    seeds (10000, 10001, ...), plus the optional long-context and noise variants. The robust winner has the
    best robust score (mean + penalty x std, a failed seed counting as the worst value seen).
-2. Confirmation: the best SSA configuration and the best baseline configuration of step 1, re-trained on
-   `confirm_seeds` further seeds (20000, ...). The verdict is the paired difference over those seeds, so the
-   runs that picked the SSA configuration are never the runs that test it (no winner's curse).
+2. Confirmation: the best SSA configuration and the best baseline configuration of step 1, and the baseline's
+   with the SSA arm's `ssa` section added (nothing else changed), re-trained on further seeds (20000, ...)
+   in rounds, until the sequential design of `confirm_seeds` decides (`ssa_tune.verdict`). Two contrasts,
+   both paired by seed: *deploy* (each arm's robust best, what the recommendation uses) and *SSA alone*
+   (what SSA itself does, at far lower variance). The runs that picked the configurations are never the
+   runs that test them (no winner's curse).
 
 Seeds vary training only (batches, initialisation): every run is evaluated on the same validation data
 (`dataset.eval_seed` fixed to the study's), so the spread is the model's, not the evaluation set's.
@@ -26,12 +29,14 @@ from optuna.trial import TrialState
 
 from . import analyse
 from . import study as st
+from . import verdict as vd
 from .errors import UserError
 from .spec import SSA_SWITCH, JobSpec, validate
 from .trial import trial_params
 
 DEFAULTS = {"top_k": 3, "seeds": 3, "confirm_seeds": None, "penalty": 1.0, "long_context": None, "noise": None,
             "constraint": False}
+ALONE = "+ssa"  # the SSA-alone configuration's id: the baseline's id and this
 ATTR_ROBUSTNESS = "ssa_tune.robustness"
 SELECT_SEED, CONFIRM_SEED = 10_000, 20_000
 COSTS = ("latency_ms_per_token", "peak_mem_mb", "n_params", "tokens_per_s")
@@ -102,7 +107,14 @@ class Plan:
                      for c in self.configs}
         self.eval_seed = _eval_seed(spec)
         self.seeds = [SELECT_SEED + i for i in range(int(r["seeds"]))]
-        self.confirm_seeds = [CONFIRM_SEED + i for i in range(int(r["confirm_seeds"] or r["seeds"]))]
+        self.design = vd.design(r["confirm_seeds"])
+        self.confirm_seeds: list[int] = []  # the seeds run so far, round after round
+        self.looks: list[int] = []  # how many seeds had run at each look
+        self.pair: dict[str, str] = {}  # role (ssa, baseline, ssa_alone) -> config id
+        v = spec.verdict
+        self.margin_spec = v["margin"] if v.get("margin") is not None else vd.default_margin(self.objective.metric)
+        self.max_cost = v["max_cost"]
+        self.margin: float | None = None
         self.variants = {"main": spec}
         for name in ("long_context", "noise"):
             if r.get(name):
@@ -114,7 +126,8 @@ class Plan:
         self.summary: dict = {}
         self.chosen: dict[str, str] = {}
         out(f"robustness: {len(self.configs)} configs x {len(self.seeds)} seeds x {len(self.variants)} variant(s) "
-            f"= {len(self._queue)} runs, then the best of each arm on {len(self.confirm_seeds)} new seeds")
+            f"= {len(self._queue)} runs, then the best of each arm on {self.design.min_pairs} to "
+            f"{self.design.max_pairs} new seeds, until decided")
 
     def _job(self, stage: str, cid: str, variant: str, seed: int) -> dict:
         params = {**self.configs[cid], "train.seed": seed, "dataset.eval_seed": self.eval_seed}
@@ -137,16 +150,47 @@ class Plan:
             return None
         if self.stage == "select":
             self._select()
-            pair = [self.chosen.get("ssa"), self.chosen.get("baseline")]
-            if len(self.spec.arms) > 1 and all(pair):
+            ssa_id, base_id = self.chosen.get("ssa"), self.chosen.get("baseline")
+            if len(self.spec.arms) > 1 and ssa_id and base_id:
                 self.stage = "confirm"
-                self._queue = [self._job("confirm", cid, "main", s) for cid in pair for s in self.confirm_seeds]
-                self._waiting = {j["key"] for j in self._queue}
-                self.out(f"robustness: best SSA {pair[0]} vs best baseline {pair[1]} on "
-                         f"{len(self.confirm_seeds)} new seeds")
+                self.pair = {"ssa": ssa_id, "baseline": base_id, "ssa_alone": self._alone(ssa_id, base_id)}
+                alone = "" if self.pair["ssa_alone"] == ssa_id else f" and {self.pair['ssa_alone']} (SSA alone)"
+                self.out(f"robustness: best SSA {ssa_id} vs best baseline {base_id}{alone}, seed pairs in rounds "
+                         f"at {self.design.looks()} until decided")
+                self._round()
+                return self._queue.pop(0)
+        elif self.stage == "confirm":
+            self.looks.append(len(self.confirm_seeds))
+            decided = self._contrasts()
+            d = decided["deploy"]
+            self.out(f"robustness: after {len(self.confirm_seeds)} seed pairs: deploy {d['decision']}, SSA alone "
+                     f"{decided['ssa_alone']['decision']}")
+            if not all(c["final"] for c in decided.values()):
+                self._round()
                 return self._queue.pop(0)
         self.stage = "done"
         return FINISHED
+
+    def _alone(self, ssa_id: str, base_id: str) -> str:
+        """The baseline's configuration with the SSA arm's `ssa` section added (its id, or the SSA config's
+        own when that is already the same thing)."""
+        ssa_params = {k: v for k, v in self.configs[ssa_id].items() if k.startswith("ssa.")}
+        params = {**{k: v for k, v in self.configs[base_id].items() if not k.startswith("ssa.")}, **ssa_params,
+                  SSA_SWITCH: True}
+        if params == self.configs[ssa_id]:
+            return ssa_id
+        cid = base_id + ALONE
+        self.configs[cid], self.arms[cid] = params, "ssa"
+        return cid
+
+    def _round(self) -> None:
+        n = len(self.confirm_seeds)
+        upto = self.design.next_look(n) if n else self.design.min_pairs
+        seeds = [CONFIRM_SEED + i for i in range(n, upto)]
+        self.confirm_seeds += seeds
+        ids = list(dict.fromkeys(self.pair.values()))
+        self._queue = [self._job("confirm", cid, "main", s) for s in seeds for cid in ids]
+        self._waiting = {j["key"] for j in self._queue}
 
     def record(self, job: dict, result: dict) -> None:
         self.results[(job["stage"], job["config"], job["variant"], job["seed"])] = result
@@ -205,23 +249,11 @@ class Plan:
         main = self.table("select", "main", objective.metric)
         winner = self.eligible[0] if self.eligible else None
         verdict, confirmation = None, None
-        pair = [self.chosen.get("ssa"), self.chosen.get("baseline")]
-        if self.stage in ("confirm", "done") and len(self.spec.arms) > 1 and all(pair):
-            conf = self.table("confirm", "main", objective.metric, pair, self.confirm_seeds)
-            costs = {}
-            for metric in COSTS:
-                ct = self.table("confirm", "main", metric, pair, self.confirm_seeds)
-                s_vals, b_vals = [v for v in ct[pair[0]] if v is not None], [v for v in ct[pair[1]] if v is not None]
-                if s_vals and b_vals:
-                    s_mean, b_mean = statistics.fmean(s_vals), statistics.fmean(b_vals)
-                    costs[metric] = {"ssa": s_mean, "baseline": b_mean,
-                                     "ssa_std": statistics.stdev(s_vals) if len(s_vals) > 1 else 0.0,
-                                     "baseline_std": statistics.stdev(b_vals) if len(b_vals) > 1 else 0.0,
-                                     "ratio": s_mean / b_mean if b_mean else None, "n": [len(s_vals), len(b_vals)]}
-            verdict = analyse.verdict(conf[pair[0]], conf[pair[1]], objective.direction, objective.metric, costs)
-            verdict["ssa_config"], verdict["baseline_config"] = pair
-            verdict["seeds"] = self.confirm_seeds
-            confirmation = {"seeds": self.confirm_seeds, "values": conf}
+        if self.pair and self.looks:
+            verdict = self._verdict()
+            ids = list(dict.fromkeys(self.pair.values()))
+            confirmation = {"seeds": self.confirm_seeds, "looks": self.looks, "roles": self.pair,
+                            "values": self.table("confirm", "main", objective.metric, ids, self.confirm_seeds)}
         noise = self.table("select", "noise", objective.metric) if "noise" in self.variants else {}
         report = {
             "objective": objective.metric, "direction": objective.direction, "penalty": float(self.r["penalty"]),
@@ -243,4 +275,80 @@ class Plan:
                      f"{w['seeds']} seeds{fails})")
         if verdict:
             self.out(f"verdict: {verdict['answer']}")
+            self.out(f"SSA alone: {verdict['contrasts']['ssa_alone']['answer']}")
+            conv = verdict.get("convergence") or {}
+            if conv.get("ratio") is not None:
+                self.out(f"convergence: SSA needs ×{conv['ratio']:.3g} the baseline's training tokens to reach the "
+                         f"baseline's final {objective.metric} ({_interval(conv)} over {conv['n']} seeds)")
+            self.out(f"recommendation: {verdict['recommendation']['text']}")
         return report
+
+    # --------------------------------------------------------------------------------- the confirmation
+
+    def _seconds_per_pair(self) -> float | None:
+        """Wall seconds one more seed pair costs: its runs' mean time over the concurrent slots."""
+        secs = [res["metrics"].get("seconds") for (stage, *_), res in self.results.items()
+                if stage == "confirm" and res["ok"]]
+        secs = [x for x in secs if isinstance(x, (int, float))]
+        if not secs:
+            return None
+        slots = max(1, int(self.spec.resources.get("max_concurrent") or 1))
+        return statistics.fmean(secs) * len(set(self.pair.values())) / min(slots, len(set(self.pair.values())))
+
+    def _contrasts(self) -> dict[str, dict]:
+        metric, direction = self.objective.metric, self.objective.direction
+        ids = list(dict.fromkeys(self.pair.values()))
+        conf = self.table("confirm", "main", metric, ids, self.confirm_seeds)
+        if self.margin is None:  # fixed at the first look: a relative margin takes the baseline's mean there
+            self.margin = vd.margin_value(self.margin_spec, conf[self.pair["baseline"]][:self.looks[0]])
+        label = vd.margin_label(self.margin_spec, self.margin)
+        per_pair = self._seconds_per_pair()
+        return {name: vd.contrast(conf[self.pair[role]], conf[self.pair["baseline"]], self.looks, direction, metric,
+                                  self.margin, self.design, per_pair, label)
+                for name, role in (("deploy", "ssa"), ("ssa_alone", "ssa_alone"))}
+
+    def _costs(self) -> dict[str, dict]:
+        costs = {}
+        ssa_id, base_id = self.pair["ssa"], self.pair["baseline"]
+        for metric in COSTS:
+            ct = self.table("confirm", "main", metric, [ssa_id, base_id], self.confirm_seeds)
+            s_vals, b_vals = [v for v in ct[ssa_id] if v is not None], [v for v in ct[base_id] if v is not None]
+            if s_vals and b_vals:
+                s_mean, b_mean = statistics.fmean(s_vals), statistics.fmean(b_vals)
+                costs[metric] = {"ssa": s_mean, "baseline": b_mean,
+                                 "ssa_std": statistics.stdev(s_vals) if len(s_vals) > 1 else 0.0,
+                                 "baseline_std": statistics.stdev(b_vals) if len(b_vals) > 1 else 0.0,
+                                 "ratio": s_mean / b_mean if b_mean else None, "n": [len(s_vals), len(b_vals)]}
+        return costs
+
+    def _histories(self, cid: str) -> list:
+        return [(self.results.get(("confirm", cid, "main", s)) or {}).get("history") for s in self.confirm_seeds]
+
+    def _verdict(self) -> dict[str, Any]:
+        contrasts = self._contrasts()
+        deploy = contrasts["deploy"]
+        costs = self._costs()
+        direction = self.objective.direction
+        base = self._histories(self.pair["baseline"])
+        convergence = {name: vd.convergence(self._histories(self.pair[role]), base, direction)
+                       for name, role in (("deploy", "ssa"), ("ssa_alone", "ssa_alone"))}
+        rec = vd.recommend(deploy, costs, self.max_cost)
+        for name, c in contrasts.items():
+            c["convergence"] = convergence[name]
+            c["what"] = vd.CONTRASTS[name]
+        return {"decision": deploy["decision"], "answer": deploy["answer"], "recommendation": rec,
+                "metric": self.objective.metric, "direction": direction, "margin": self.margin,
+                "margin_spec": self.margin_spec, "margin_text": deploy["margin_text"],
+                "ssa_minus_baseline": deploy["ssa_minus_baseline"], "failed": deploy["failed"],
+                "contrasts": contrasts, "convergence": convergence["deploy"], "costs": costs,
+                "ssa_config": self.pair["ssa"], "baseline_config": self.pair["baseline"],
+                "ssa_alone_config": self.pair["ssa_alone"], "seeds": self.confirm_seeds, "looks": self.looks,
+                "design": {"min": self.design.min_pairs, "max": self.design.max_pairs, "step": self.design.step,
+                           "alpha": self.design.alpha, "alpha_eq": self.design.alpha_eq,
+                           "gamma": self.design.gamma, "gamma_eq": self.design.gamma_eq}}
+
+
+def _interval(c: dict) -> str:
+    if c.get("low") is None:
+        return "no interval"
+    return f"{int(round(100 * c['confidence']))} % interval ×{c['low']:.3g}–×{c['high']:.3g}"

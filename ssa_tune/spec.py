@@ -26,10 +26,11 @@ import yaml
 from . import checks
 from .config import (Checkpoint, GPTConfig, HFModelConfig, ModelConfig, SSAConfig, TrainConfig, _yaml_load,
                      model_config, read_checkpoint)
+from . import verdict as vd
 from .errors import UserError
 
 SECTIONS = ("name", "dataset", "model", "train", "ssa", "search", "objective", "budget", "scheduler",
-            "resources", "sampler", "storage", "tracking", "baseline", "robustness", "select")
+            "resources", "sampler", "storage", "tracking", "baseline", "robustness", "select", "verdict")
 # What every trial reports at each evaluation, and only at its end (see `JobSpec.reported_metrics`).
 EVERY_EVAL = ("step", "progress", "train_loss", "lr", "tokens", "tokens_per_s", "train_seconds", "val_loss",
               "val_ppl", "val_loss_at_start", "val_ppl_at_start", "peak_mem_mb", "seconds")
@@ -100,6 +101,8 @@ class JobSpec:
         return self.model.get("kind", "gpt")
 
     select: dict | None = None
+    # how the confirmation decides: {margin (None: the metric's default), max_cost: {cost metric: ratio}}
+    verdict: dict = field(default_factory=lambda: {"margin": None, "max_cost": dict(vd.DEFAULT_MAX_COST)})
 
     @property
     def multi_objective(self) -> bool:
@@ -474,7 +477,8 @@ def validate(raw: dict, file: str, check_data: bool = True, base_dir: str | Path
                    search=search, objectives=objectives, n_trials=n_trials, time_limit_s=time_limit,
                    scheduler=scheduler, resources=resources, sampler=sampler, storage=raw.get("storage"),
                    tracking=raw.get("tracking"), baseline=baseline, robustness=robustness, baseline_share=share,
-                   raw=raw, checkpoint=checkpoint, select=_check_select(raw.get("select"), file))
+                   raw=raw, checkpoint=checkpoint, select=_check_select(raw.get("select"), file),
+                   verdict=_check_verdict(raw.get("verdict"), file))
     _check_metrics(spec)
     _check_freeze(spec)
     for arm in spec.arms:  # the fixed settings of each arm go together
@@ -487,6 +491,33 @@ def validate(raw: dict, file: str, check_data: bool = True, base_dir: str | Path
     if spec.ssa is None and any(p.name.startswith("ssa.") for p in search):
         raise _err(file, "ssa", "null (SSA off) but the search has ssa.* parameters")
     return spec
+
+
+def _check_verdict(v, file: str) -> dict:
+    """`verdict: {margin: 0.005 | "1%", max_cost: {latency_ms_per_token: 1.10, peak_mem_mb: 1.25}}`."""
+    if v is None:
+        v = {}
+    if not isinstance(v, dict):
+        raise _err(file, "verdict", "must be a mapping {margin: NUMBER or \"P%\", max_cost: {METRIC: RATIO}}")
+    _unknown(v, {"margin", "max_cost"}, file, "verdict")
+    margin = v.get("margin")
+    if margin is not None:
+        try:
+            vd.parse_margin(margin)
+        except ValueError as e:
+            raise _err(file, "verdict.margin", str(e)) from None
+    max_cost = v.get("max_cost", vd.DEFAULT_MAX_COST)
+    if max_cost is None:
+        max_cost = {}
+    if not isinstance(max_cost, dict):
+        raise _err(file, "verdict.max_cost", "must be a mapping {cost metric: largest SSA / baseline ratio}")
+    for k, x in max_cost.items():
+        if k not in vd.COST_NAMES:
+            raise _err(file, f"verdict.max_cost.{k}", f"unknown cost (known: {', '.join(vd.COST_NAMES)})")
+        _number(file, f"verdict.max_cost.{k}", x, float, 0)
+        if x <= 0:
+            raise _err(file, f"verdict.max_cost.{k}", f"must be > 0, got {x!r}")
+    return {"margin": margin, "max_cost": {k: float(x) for k, x in max_cost.items()}}
 
 
 def _check_select(sel, file: str) -> dict | None:
@@ -733,13 +764,34 @@ def _check_robustness(r, file: str) -> dict | None:
              "robustness")
     _number(file, "robustness.top_k", out["top_k"], int, 1)
     _number(file, "robustness.seeds", out["seeds"], int, 2)
-    _number(file, "robustness.confirm_seeds", out["confirm_seeds"], int, 2, allow_none=True)
+    out["confirm_seeds"] = _check_confirm(out["confirm_seeds"], file)
     _number(file, "robustness.penalty", out["penalty"], float, 0)
     if not isinstance(out["constraint"], bool):
         raise _err(file, "robustness.constraint", "must be true or false")
     for k in ("long_context", "noise"):
         if out[k] is not None and not isinstance(out[k], dict):
             raise _err(file, f"robustness.{k}", "must be a mapping of dataset settings or null")
+    return out
+
+
+def _check_confirm(c, file: str) -> dict:
+    """`confirm_seeds`: {min, max, step} seed pairs (rounds until decided), or one number n (a single look)."""
+    f = "robustness.confirm_seeds"
+    if c is None:
+        return dict(vd.DEFAULT_CONFIRM)
+    if isinstance(c, int) and not isinstance(c, bool):
+        _number(file, f, c, int, 2)
+        return {"min": c, "max": c, "step": 1}
+    if not isinstance(c, dict):
+        raise _err(file, f, "must be {min: N, max: N, step: N} or a number of seed pairs")
+    _unknown(c, set(vd.DEFAULT_CONFIRM), file, f)
+    out = {**vd.DEFAULT_CONFIRM, **c}
+    if "max" not in c and "min" in c:
+        out["max"] = max(out["min"], vd.DEFAULT_CONFIRM["max"])
+    for k, lo in (("min", 2), ("max", 2), ("step", 1)):
+        _number(file, f"{f}.{k}", out[k], int, lo)
+    if out["max"] < out["min"]:
+        raise _err(file, f"{f}.max", f"must be >= min ({out['min']}), got {out['max']}")
     return out
 
 

@@ -219,6 +219,7 @@ def _searcher_class():
             self._make_plan, self.plan = make_plan, None
             self._deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
             self._robust: dict[str, dict] = {}  # Tune trial id -> robustness job
+            self._history: dict[str, list] = {}  # Tune trial id -> (tokens, objective) of a robustness run
             self._spec, self._study, self._url = spec, study, storage_url
             self._budgets, self._driver, self._mirror = budgets, driver, mirror
             self._tune_trials, self._on_done = trials, on_done
@@ -307,6 +308,7 @@ def _searcher_class():
 
         def _robust_done(self, trial_id: str, result: dict | None, error: bool) -> None:
             job = self._robust.pop(trial_id)
+            history = self._history.pop(trial_id, [])
             self._done.add(trial_id)
             last = self._last.pop(trial_id, None) or result or {}
             if error:
@@ -314,7 +316,7 @@ def _searcher_class():
             elif float(last.get("progress", 0.0)) < 1.0:
                 res = {"ok": False, "reason": "never finished (stopped before its end)"}
             else:
-                res = {"ok": True, "metrics": {k: v for k, v in last.items() if _ours(k)}}
+                res = {"ok": True, "metrics": {k: v for k, v in last.items() if _ours(k)}, "history": history}
             self._mirror.finish(job["key"], "COMPLETE" if res["ok"] else "FAIL", res.get("reason"))
             self.plan.record(job, res)
 
@@ -347,6 +349,11 @@ def _searcher_class():
         def _result(self, trial_id: str, result: dict) -> None:
             if trial_id in self._robust:
                 self._last[trial_id] = result
+                value, tokens = result.get(self.plan.objective.metric), result.get("tokens")
+                if result.get("step") is not None and tokens is not None and isinstance(value, (int, float)):
+                    hist = self._history.setdefault(trial_id, [])
+                    if not hist or hist[-1][0] != tokens:  # the final result can arrive twice
+                        hist.append((float(tokens), float(value)))
                 if result.get("step") is not None:
                     self._mirror.metrics(self._keys[trial_id], {k: v for k, v in result.items()
                                                                 if _ours(k)}, int(result["step"]))
