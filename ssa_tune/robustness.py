@@ -105,6 +105,7 @@ class Plan:
             self.arms["baseline"] = self.best_of_arm["baseline"] = "baseline"
         self.arms = {c: self.arms.get(c, "ssa" if self.configs[c].get(SSA_SWITCH, True) else "baseline")
                      for c in self.configs}
+        self.select_ids = list(self.configs)  # the configurations of the selection (the confirmation adds one)
         self.eval_seed = _eval_seed(spec)
         self.seeds = [SELECT_SEED + i for i in range(int(r["seeds"]))]
         self.design = vd.design(r["confirm_seeds"])
@@ -204,7 +205,7 @@ class Plan:
 
     def table(self, stage: str, variant: str, metric: str, ids=None, seeds=None) -> dict[str, list]:
         rows: dict[str, list] = {}
-        for cid in (list(self.configs) if ids is None else ids):
+        for cid in (self.select_ids if ids is None else ids):
             rows[cid] = []
             for seed in (seeds or self.seeds):
                 res = self.results.get((stage, cid, variant, seed))

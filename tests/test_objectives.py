@@ -136,7 +136,8 @@ def test_tradeoff_spec_exports_the_member_its_rule_chooses(tmp_path):
     # as a user runs it (no --json): the closing lines show the front and the winner the rule chose
     out = run_cli("run", ROOT / "search_spaces" / "tradeoff.yaml", "--workdir", wd, "--trials", "4",
                   "--set", "train.max_steps=30", "--set", "train.eval_every=15",
-                  "--set", "robustness.seeds=2", "--set", "robustness.top_k=1").stdout
+                  "--set", "robustness.seeds=2", "--set", "robustness.top_k=1",
+                  "--set", "robustness.confirm_seeds=2").stdout
     summary = json.loads(run_cli("status", "tradeoff", "--workdir", wd, "--json").stdout)
     assert summary["front"]
     assert "Pareto front (val_loss, latency_ms_per_token)" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -205,7 +206,7 @@ def test_sigkill_then_resume_finishes_the_budget(write_spec, tmp_path):
 
 def test_robustness_stage_report_and_robust_export(write_spec, tmp_path):
     spec = write_spec({"budget": {"n_trials": 4}, "scheduler": {"kind": "none"},
-                       "robustness": {"top_k": 2, "seeds": 2, "penalty": 1.0, "constraint": True,
+                       "robustness": {"top_k": 2, "seeds": 2, "penalty": 1.0, "constraint": True, "confirm_seeds": 2,
                                       "long_context": {"kind": "passkey", "seq_len": 64}}})
     wd = tmp_path / "wd"
     summary = json.loads(run_cli("run", spec, "--workdir", wd, "--json").stdout)
@@ -225,6 +226,13 @@ def test_robustness_stage_report_and_robust_export(write_spec, tmp_path):
     eligible = [cid for _, cid in ranked if not lc["flagged"].get(cid)]
     assert rep["winner"] == eligible[0]  # best robust score among those the long-range guard lets through
     assert rep["verdict"]["answer"] and "ssa_minus_baseline" in rep["verdict"]
+    # the decision: in report.json, the run's JSON summary, both contrasts with their own decisions
+    decision = rep["verdict"]["decision"]
+    assert decision in ("helps", "hurts", "equivalent", "undecided") and summary["decision"] == decision
+    assert rep["verdict"]["answer"].startswith(f"{decision}: val_loss SSA − baseline")
+    assert set(rep["verdict"]["contrasts"]) == {"deploy", "ssa_alone"}
+    assert rep["verdict"]["recommendation"]["text"] == summary["recommendation"]
+    assert rep["verdict"]["convergence"]["n"] >= 1  # tokens to the baseline's final loss, from the runs' curves
     page = (report_dir / "report.html").read_text()
     outside_scripts = re.sub(r"<script>.*?</script>", "", page, flags=re.S)
     assert not re.search(r"""(src|href)\s*=\s*["'](https?:)?//""", outside_scripts)  # nothing loads from a network
@@ -235,27 +243,36 @@ def test_robustness_stage_report_and_robust_export(write_spec, tmp_path):
     names = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/report.json", "report/importances.png", "report/robustness.png"} <= names
     assert parent.data.tags["ssa_tune.verdict"] == rep["verdict"]["answer"]
+    assert parent.data.tags["ssa_tune.decision"] == decision
+    assert parent.data.tags["ssa_tune.recommendation"] == rep["verdict"]["recommendation"]["text"]
+    assert html.escape(rep["verdict"]["recommendation"]["text"]) in page and "SSA alone" in page
     robust_runs = [r for r in runs if r.data.tags.get("ssa_tune.role") == "robustness"]
     select = [r for r in robust_runs if r.data.tags["ssa_tune.stage"] == "select"]
     confirm = [r for r in robust_runs if r.data.tags["ssa_tune.stage"] == "confirm"]
     assert len(select) == len(rob) * 2 * 2  # configs x seeds x (main + long_context)
     assert {r.data.tags["ssa_tune.variant"] for r in select} == {"main", "long_context"}
-    # the verdict is confirmed on seeds nobody chose on: the chosen SSA and baseline configs, paired by seed
+    # the verdict is confirmed on seeds nobody chose on: the chosen SSA and baseline configs and the baseline
+    # with SSA added, paired by seed (confirm_seeds: 2, one look)
     v = rep["verdict"]
-    assert len(confirm) == 2 * 2 and {r.data.tags["ssa_tune.config"] for r in confirm} == \
-        {v["ssa_config"], v["baseline_config"]}
+    trio = {v["ssa_config"], v["baseline_config"], v["ssa_alone_config"]}
+    assert len(confirm) == 2 * len(trio) and {r.data.tags["ssa_tune.config"] for r in confirm} == trio
     confirm_seeds = {r.data.tags["ssa_tune.seed"] for r in confirm}
     assert not confirm_seeds & {r.data.tags["ssa_tune.seed"] for r in select}
-    assert v["ssa_minus_baseline"]["method"] == "paired t over 2 shared seeds"
+    assert v["seeds"] == [20000, 20001] and v["looks"] == [2]
+    assert v["ssa_minus_baseline"]["method"].startswith("group-sequential paired t")
     # seeds vary training only: every run is scored on the study's own evaluation data
     assert {r.data.params["dataset.eval_seed"] for r in robust_runs} == {"0"}
     assert len({r.data.params["train.seed"] for r in robust_runs}) == 4
+    status = run_cli("status", "tiny", "--workdir", wd).stdout
+    assert f"  verdict: {v['answer']}" in status and "  recommendation: " in status
     # the export takes the robust winner and says so
     out = tmp_path / "best.json"
     run_cli("export", "tiny", "-o", out, "--workdir", wd)
     exported = json.loads(out.read_text())
     assert f"trial-{exported['study']['trial']}" == rep["winner"]
     assert exported["source"]["selected_by"].startswith("robust score over 2 fresh seeds")
+    assert exported["source"]["decision"] == decision
+    assert exported["source"]["recommendation"] == v["recommendation"]["text"]
     # --arm: each arm's configuration the verdict compared, whichever won (the SSA settings to try elsewhere)
     for arm, config in (("ssa", v["ssa_config"]), ("baseline", v["baseline_config"])):
         out = tmp_path / f"{arm}.json"
