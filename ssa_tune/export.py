@@ -110,9 +110,9 @@ def export_best(study, target, path: Path, rule=None, arm: str | None = None) ->
     metrics = _metrics(target, run_id)
     objective = spec.objectives[0]
     arms = {}
-    for arm in spec.arms:  # what each arm's search found (one seed), beside the winner
-        b = st.best_trial(study, arm)
-        arms[arm] = None if b is None else {"trial": b.number, "value": b.value if len(b.values) == 1 else b.values}
+    for name in spec.arms:  # what each arm's search found (one seed), beside the winner
+        b = st.best_trial(study, name)
+        arms[name] = None if b is None else {"trial": b.number, "value": b.value if len(b.values) == 1 else b.values}
     info = {"name": study.study_name, "trial": None if t is None else t.number, "config": w["id"], "arms": arms,
             "arm": st.arm_of(t) if t is not None else kind, "objective": objective.metric,
             "direction": objective.direction,

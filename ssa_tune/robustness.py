@@ -337,6 +337,9 @@ class Plan:
         for name, c in contrasts.items():
             c["convergence"] = convergence[name]
             c["what"] = vd.CONTRASTS[name]
+        if self.pair["ssa_alone"] == self.pair["ssa"]:
+            contrasts["ssa_alone"]["what"] = ("the same runs as deploy: the SSA arm's best is the baseline's "
+                                              "configuration with SSA added, nothing else changed")
         return {"decision": deploy["decision"], "answer": deploy["answer"], "recommendation": rec,
                 "metric": self.objective.metric, "direction": direction, "margin": self.margin,
                 "margin_spec": self.margin_spec, "margin_text": deploy["margin_text"],

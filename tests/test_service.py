@@ -272,6 +272,8 @@ def test_robustness_stage_report_and_robust_export(write_spec, tmp_path):
     assert f"trial-{exported['study']['trial']}" == rep["winner"]
     assert exported["source"]["selected_by"].startswith("robust score over 2 fresh seeds")
     assert exported["source"]["decision"] == decision
+    # without --arm the note speaks of the winner (a loop over the arms once overwrote the --arm argument)
+    assert "--arm" not in exported["source"]["note"]
     assert exported["source"]["recommendation"] == v["recommendation"]["text"]
     # --arm: each arm's configuration the verdict compared, whichever won (the SSA settings to try elsewhere)
     for arm, config in (("ssa", v["ssa_config"]), ("baseline", v["baseline_config"])):
