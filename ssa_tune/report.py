@@ -324,13 +324,13 @@ def _summary_table(report: dict, v: dict) -> str:
         d = c["ssa_minus_baseline"]
         role = "ssa" if name == "deploy" else "ssa_alone"
         label = "quality, deploy" if name == "deploy" else "quality, SSA alone"
-        rows.append([f"{label}: {c['metric']}", f"{spread(roles.get(role))} ({html.escape(str(roles.get(role)))})",
+        # (_table escapes the plain cells; the decision cell is markup of our own)
+        rows.append([f"{label}: {c['metric']}", f"{spread(roles.get(role))} ({roles.get(role)})",
                      spread(roles.get("baseline")),
                      f"<b>{html.escape(c['decision'])}</b> {_fmt(d['diff'])} {_interval_text(d)}",
-                     html.escape(f"{c['what']}; paired by seed, {int(round(100 * d['confidence']))} % repeated "
-                                 f"interval (group-sequential, {len(c['looks'])} look(s)) over {where}; margin "
-                                 f"{c['margin_text']}; failed seeds SSA {c['failed']['ssa']}, baseline "
-                                 f"{c['failed']['baseline']}")])
+                     f"{c['what']}; paired by seed, {int(round(100 * d['confidence']))} % repeated interval "
+                     f"(group-sequential, {len(c['looks'])} look(s)) over {where}; margin {c['margin_text']}; "
+                     f"failed seeds SSA {c['failed']['ssa']}, baseline {c['failed']['baseline']}"])
     conv = v.get("convergence") or {}
     if conv.get("ratio") is not None:
         interval = "–" if conv.get("low") is None else f"[×{_fmt(conv['low'], 3)}, ×{_fmt(conv['high'], 3)}]"
@@ -338,8 +338,8 @@ def _summary_table(report: dict, v: dict) -> str:
             if conv.get("censored") else ""
         rows.append(["convergence: tokens to the baseline's final value", "", "",
                      f"× {_fmt(conv['ratio'], 3)} {interval}",
-                     html.escape(f"{conv['what']}; {int(round(100 * conv['confidence']))} % t interval over "
-                                 f"{conv['n']} seeds{cens}")])
+                     f"{conv['what']}; {int(round(100 * conv['confidence']))} % t interval over {conv['n']} "
+                     f"seeds{cens}"])
     for key, c in (v.get("costs") or {}).items():
         label, what = COST_LABELS.get(key, (key, ""))
         tol = (v.get("recommendation") or {}).get("max_cost", {}).get(key)

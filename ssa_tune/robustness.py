@@ -127,8 +127,9 @@ class Plan:
         self.summary: dict = {}
         self.chosen: dict[str, str] = {}
         out(f"robustness: {len(self.configs)} configs x {len(self.seeds)} seeds x {len(self.variants)} variant(s) "
-            f"= {len(self._queue)} runs, then the best of each arm on {self.design.min_pairs} to "
-            f"{self.design.max_pairs} new seeds, until decided")
+            f"= {len(self._queue)} runs, then the best of each arm on " + (
+                f"{self.design.max_pairs} new seeds" if self.design.min_pairs == self.design.max_pairs else
+                f"{self.design.min_pairs} to {self.design.max_pairs} new seeds, until decided"))
 
     def _job(self, stage: str, cid: str, variant: str, seed: int) -> dict:
         params = {**self.configs[cid], "train.seed": seed, "dataset.eval_seed": self.eval_seed}
@@ -280,7 +281,9 @@ class Plan:
             conv = verdict.get("convergence") or {}
             if conv.get("ratio") is not None:
                 self.out(f"convergence: SSA needs ×{conv['ratio']:.3g} the baseline's training tokens to reach the "
-                         f"baseline's final {objective.metric} ({_interval(conv)} over {conv['n']} seeds)")
+                         f"baseline's final {objective.metric} ({_interval(conv)} over {conv['n']} seeds"
+                         + (f"; SSA never reached it on {conv['censored']}, counted at its whole budget"
+                            if conv.get("censored") else "") + ")")
             self.out(f"recommendation: {verdict['recommendation']['text']}")
         return report
 
