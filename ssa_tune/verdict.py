@@ -151,7 +151,7 @@ def _duration(s: float) -> str:
 
 def answer_line(c: dict) -> str:
     """`<decision>: <evidence>` for a contrast."""
-    d, m, metric = c["ssa_minus_baseline"], c["margin"], c["metric"]
+    d, metric = c["ssa_minus_baseline"], c["metric"]
     n = d["n"]
     conf = int(round(100 * d["confidence"]))
     fails = c["failed"]
