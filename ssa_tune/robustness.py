@@ -37,6 +37,7 @@ from .trial import trial_params
 DEFAULTS = {"top_k": 3, "seeds": 3, "confirm_seeds": None, "penalty": 1.0, "long_context": None, "noise": None,
             "constraint": False}
 ALONE = "+ssa"  # the SSA-alone configuration's id: the baseline's id and this
+CONTRAST_ROLES = (("deploy", "ssa"), ("ssa_alone", "ssa_alone"))  # contrast -> the role compared with the baseline
 ATTR_ROBUSTNESS = "ssa_tune.robustness"
 SELECT_SEED, CONFIRM_SEED = 10_000, 20_000
 COSTS = ("latency_ms_per_token", "peak_mem_mb", "n_params", "tokens_per_s")
@@ -190,8 +191,7 @@ class Plan:
         upto = self.design.next_look(n) if n else self.design.min_pairs
         seeds = [CONFIRM_SEED + i for i in range(n, upto)]
         self.confirm_seeds += seeds
-        ids = list(dict.fromkeys(self.pair.values()))
-        self._queue = [self._job("confirm", cid, "main", s) for s in seeds for cid in ids]
+        self._queue = [self._job("confirm", cid, "main", s) for s in seeds for cid in self.confirm_ids]
         self._waiting = {j["key"] for j in self._queue}
 
     def record(self, job: dict, result: dict) -> None:
@@ -253,9 +253,9 @@ class Plan:
         verdict, confirmation = None, None
         if self.pair and self.looks:
             verdict = self._verdict()
-            ids = list(dict.fromkeys(self.pair.values()))
             confirmation = {"seeds": self.confirm_seeds, "looks": self.looks, "roles": self.pair,
-                            "values": self.table("confirm", "main", objective.metric, ids, self.confirm_seeds)}
+                            "values": self.table("confirm", "main", objective.metric, self.confirm_ids,
+                                                 self.confirm_seeds)}
         noise = self.table("select", "noise", objective.metric) if "noise" in self.variants else {}
         report = {
             "objective": objective.metric, "direction": objective.direction, "penalty": float(self.r["penalty"]),
@@ -289,6 +289,11 @@ class Plan:
 
     # --------------------------------------------------------------------------------- the confirmation
 
+    @property
+    def confirm_ids(self) -> list[str]:
+        """The configurations the confirmation trains (two when SSA alone is the SSA arm's own best)."""
+        return list(dict.fromkeys(self.pair.values()))
+
     def _seconds_per_pair(self) -> float | None:
         """Wall seconds one more seed pair costs: its runs' mean time over the concurrent slots."""
         secs = [res["metrics"].get("seconds") for (stage, *_), res in self.results.items()
@@ -297,19 +302,19 @@ class Plan:
         if not secs:
             return None
         slots = max(1, int(self.spec.resources.get("max_concurrent") or 1))
-        return statistics.fmean(secs) * len(set(self.pair.values())) / min(slots, len(set(self.pair.values())))
+        runs = len(self.confirm_ids)
+        return statistics.fmean(secs) * runs / min(slots, runs)
 
     def _contrasts(self) -> dict[str, dict]:
         metric, direction = self.objective.metric, self.objective.direction
-        ids = list(dict.fromkeys(self.pair.values()))
-        conf = self.table("confirm", "main", metric, ids, self.confirm_seeds)
+        conf = self.table("confirm", "main", metric, self.confirm_ids, self.confirm_seeds)
         if self.margin is None:  # fixed at the first look: a relative margin takes the baseline's mean there
             self.margin = vd.margin_value(self.margin_spec, conf[self.pair["baseline"]][:self.looks[0]])
         label = vd.margin_label(self.margin_spec, self.margin)
         per_pair = self._seconds_per_pair()
         return {name: vd.contrast(conf[self.pair[role]], conf[self.pair["baseline"]], self.looks, direction, metric,
                                   self.margin, self.design, per_pair, label)
-                for name, role in (("deploy", "ssa"), ("ssa_alone", "ssa_alone"))}
+                for name, role in CONTRAST_ROLES}
 
     def _costs(self) -> dict[str, dict]:
         costs = {}
@@ -335,7 +340,7 @@ class Plan:
         direction = self.objective.direction
         base = self._histories(self.pair["baseline"])
         convergence = {name: vd.convergence(self._histories(self.pair[role]), base, direction)
-                       for name, role in (("deploy", "ssa"), ("ssa_alone", "ssa_alone"))}
+                       for name, role in CONTRAST_ROLES}
         rec = vd.recommend(deploy, costs, self.max_cost)
         for name, c in contrasts.items():
             c["convergence"] = convergence[name]

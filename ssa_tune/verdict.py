@@ -109,11 +109,11 @@ def contrast(a: Sequence[float | None], b: Sequence[float | None], looks: Sequen
     sequential design at the looks taken so far (`looks`: how many seeds had run at each)."""
     better = -1 if direction == "minimize" else 1
     diffs_by_look, fails_by_look = [], []
+    last = paired_values([], [], direction)  # the pairs at the latest look
     for n in looks:
-        p = paired_values(a[:n], b[:n], direction)
-        diffs_by_look.append(p["diffs"])
-        fails_by_look.append(tuple(p["failed"]))
-    last = paired_values(a[:looks[-1]] if looks else [], b[:looks[-1]] if looks else [], direction)
+        last = paired_values(a[:n], b[:n], direction)
+        diffs_by_look.append(last["diffs"])
+        fails_by_look.append(tuple(last["failed"]))
     if margin is None or not diffs_by_look:
         res = sequential.decide([], 1.0, dsg, better)
     else:
