@@ -22,10 +22,19 @@ KEY_NUMBER, KEY_TRIAL_ID, KEY_ARM = "ssa_tune.trial_number", "ssa_tune.optuna_tr
 
 @functools.lru_cache(maxsize=4)
 def _dataset(spec_json: str, seed: int):
-    """Reused across trials in one worker process (reuse_actors): text corpora are read once."""
+    """Reused across trials in one worker process (reuse_actors): text corpora are read and tokenised once."""
     from .data import build_dataset
 
     return build_dataset(json.loads(spec_json), seed=seed)
+
+
+def dataset_for(dataset_spec: dict[str, Any], train_seed: int):
+    """The trial's dataset, built once per worker for the same data and evaluation seed. A dataset's splits,
+    evaluation batches and probes come from its evaluation seed (`eval_seed`, else the seed it is built with);
+    training batches come from the trial's own generator. So trials that differ only in their training seed
+    (the robustness stage's seeds, with the study's `eval_seed`) share one build."""
+    es = dataset_spec.get("eval_seed")
+    return _dataset(json.dumps(dataset_spec, sort_keys=True), train_seed if es is None else int(es))
 
 
 def trial_params(dataset: dict, model, train, ssa: SSAConfig | None) -> dict[str, Any]:
@@ -56,7 +65,7 @@ def execute(spec: JobSpec, params: dict[str, Any], cpus: float, gpus: float, rep
     from .train import train
 
     dataset_spec, model_cfg, train_cfg, ssa = configure(spec, params, cpus, gpus)
-    dataset = _dataset(json.dumps(dataset_spec, sort_keys=True), train_cfg.seed)
+    dataset = dataset_for(dataset_spec, train_cfg.seed)
     # a baseline trial with `train.freeze: below` trains the layers the spec's ssa.layers selects
     return train(dataset, model_cfg, train_cfg, ssa, on_eval=report, freeze_layers=spec.freeze_layers())
 

@@ -119,6 +119,28 @@ def test_eval_seed_fixes_held_out_data_across_seeds():
     assert same_batches(a.eval_batches("val", 64), b.eval_batches("val", 64))
 
 
+def test_a_worker_builds_a_dataset_once_per_data_and_evaluation_seed(tmp_path):
+    """Robustness runs differ in their training seed only: with the study's eval_seed they share one build
+    (text read and tokenised once per worker); without eval_seed the seed picks the held-out data, so each
+    seed has its own."""
+    from ssa_tune import trial
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"document {i}: " + "some words here. " * 40 for i in range(12)))
+    spec = {"kind": "text", "path": str(corpus), "seq_len": 32, "eval_seed": 0}
+    trial._dataset.cache_clear()
+    first = trial.dataset_for(spec, train_seed=1)
+    assert trial.dataset_for(spec, train_seed=2) is first and trial.dataset_for(spec, train_seed=3) is first
+    assert trial._dataset.cache_info().misses == 1
+    # what is shared is what each seed would have built: the same splits and held-out batches
+    alone = build_dataset(spec, seed=2)
+    assert alone.split_text == first.split_text
+    assert same_batches(alone.eval_batches("val", 8), first.eval_batches("val", 8))
+    no_eval_seed = {k: v for k, v in spec.items() if k != "eval_seed"}
+    assert trial.dataset_for(no_eval_seed, train_seed=1) is not trial.dataset_for(no_eval_seed, train_seed=2)
+    trial._dataset.cache_clear()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # passkey
 
