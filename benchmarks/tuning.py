@@ -5,6 +5,12 @@
                  (Ray already started). ratio = study wall x concurrency / sum of the trials' own `seconds`
                  (each trial's whole train/eval loop as it measured it); 1.00 = no overhead. Also with the
                  process's one `ray.init` counted. Target <= 1.20.
+(a') handover    the overhead study again, timed on both sides of Ray Tune's hand-over: per worker slot, from
+                 one trial's end of training to the next trial's start of training, split into the last report
+                 reaching the driver, the trial's completion, the searcher's next suggestion, Tune starting the
+                 trial, the worker entering the trainable, the trial's set-up before its model (spec, dataset),
+                 and the model and optimizer (setup_seconds); medians, and the mean slot time lost (target
+                 <= 0.3 s a trial).
 (b) quickstart   `ssa-tune run search_spaces/quickstart.yaml` as a user runs it (a fresh process, a fresh work
                  dir): ratio = wall / (sum of `seconds` of every trial and robustness run / max_concurrent),
                  target <= 1.15; and where the rest of the wall time goes, from the time each line of the
@@ -21,7 +27,7 @@
 Prints ONE JSON object on stdout (progress on stderr); --out writes it, --png the curves.
 
     python benchmarks/tuning.py [--quick] [--out FILE] [--png FILE] [--seeds 0 1 2 3 4] [--trials N]
-                                [--parts overhead quickstart efficiency]
+                                [--parts overhead handover quickstart efficiency]
 """
 
 from __future__ import annotations
@@ -127,6 +133,113 @@ def overhead(bench: Bench, n_trials: int, ray_init_s: float) -> dict:
     return {"trials": n_trials, "concurrency": conc, "study_wall_s": wall, "sum_trial_seconds": trial_s,
             "ratio": wall * conc / trial_s, "ratio_with_ray_init": (wall + ray_init_s) * conc / trial_s,
             "per_trial_overhead_s": (wall * conc - trial_s) / n_trials, "target": 1.20}
+
+
+class _Clock:
+    """Driver-side timestamps (time.time(), comparable with the workers' on one machine) of each Tune trial:
+    when the searcher was asked for it, when Tune started it, when its results and its end reached the driver."""
+
+    def __init__(self):
+        self.events: dict[str, dict[str, float]] = {}
+        self.results: dict[str, list[tuple[float, dict]]] = {}
+
+    def mark(self, trial_id: str, what: str) -> None:
+        self.events.setdefault(trial_id, {}).setdefault(what, time.time())
+
+    def install(self):
+        """Wrap ssa_tune.tune's searcher and progress callback (driver side only; workers are untouched)."""
+        from ssa_tune import tune as t
+
+        clock, make_searcher, make_callbacks = self, t._searcher_class, t._callbacks
+
+        def searcher_class():
+            base = make_searcher()
+
+            class Timed(base):
+                def suggest(self, trial_id):
+                    out = super().suggest(trial_id)
+                    if isinstance(out, dict):
+                        clock.mark(trial_id, "suggested")
+                    return out
+
+                def on_trial_complete(self, trial_id, result=None, error=False):
+                    clock.mark(trial_id, "complete")
+                    return super().on_trial_complete(trial_id, result, error)
+
+            return Timed
+
+        def callbacks(*a, **kw):
+            progress, stopper = make_callbacks(*a, **kw)
+            start, result = progress.on_trial_start, progress.on_trial_result
+
+            def on_trial_start(iteration, trials, trial, **info):
+                clock.mark(trial.trial_id, "started")
+                return start(iteration, trials, trial, **info)
+
+            def on_trial_result(iteration, trials, trial, res, **info):
+                clock.results.setdefault(trial.trial_id, []).append((time.time(), dict(res)))
+                return result(iteration, trials, trial, res, **info)
+
+            progress.on_trial_start, progress.on_trial_result = on_trial_start, on_trial_result
+            return progress, stopper
+
+        t._searcher_class, t._callbacks = searcher_class, callbacks
+        return lambda: (setattr(t, "_searcher_class", make_searcher), setattr(t, "_callbacks", make_callbacks))
+
+
+def handover(bench: Bench, n_trials: int) -> dict:
+    """Where a worker slot's time goes between one trial's training and the next's, from timestamps on both
+    sides: the worker adds when it entered the trainable and when it made each report (ssa_tune.entered /
+    ssa_tune.wall), its setup outside `seconds` (setup_seconds); the driver marks the rest (_Clock)."""
+    from ssa_tune.tune import ENTERED_KEY, WALL_KEY
+
+    clock = _Clock()
+    undo = clock.install()
+    try:
+        spec, study, target, wall = bench.study("handover", ["sampler.kind=random", "scheduler.kind=none",
+                                                             f"budget.n_trials={n_trials}"])
+    finally:
+        undo()
+    trials = []
+    for tid, results in clock.results.items():
+        res = [r for _, r in results if r.get("step") is not None]
+        if not res:
+            continue
+        last, first = res[-1], res[0]
+        ev = clock.events.get(tid, {})
+        t_start = first[WALL_KEY] - first["seconds"]  # the training loop's clock started here
+        trials.append({"id": tid, "pid": last.get("pid"), "suggested": ev.get("suggested"),
+                       "started": ev.get("started"), "entered": last[ENTERED_KEY], "t_start": t_start,
+                       "setup_s": last["setup_seconds"], "train_end": t_start + last["seconds"],
+                       "last_report": last[WALL_KEY], "last_seen": results[-1][0], "complete": ev.get("complete"),
+                       "seconds": last["seconds"]})
+    parts: dict[str, list[float]] = {k: [] for k in (
+        "last report -> driver has it", "driver has it -> trial complete", "complete -> next suggested",
+        "suggested -> Tune starts it", "Tune starts it -> worker enters the trainable",
+        "entered -> setup (spec, dataset, imports)", "setup: model, optimizer (setup_seconds)", "slot lost")}
+    by_pid: dict = {}
+    for t in sorted(trials, key=lambda t: t["entered"]):
+        by_pid.setdefault(t["pid"], []).append(t)
+    for seq in by_pid.values():
+        for a, b in zip(seq, seq[1:]):
+            if None in (a["complete"], b["suggested"], b["started"]):
+                continue
+            parts["last report -> driver has it"].append(a["last_seen"] - a["last_report"])
+            parts["driver has it -> trial complete"].append(a["complete"] - a["last_seen"])
+            parts["complete -> next suggested"].append(b["suggested"] - a["complete"])
+            parts["suggested -> Tune starts it"].append(b["started"] - b["suggested"])
+            parts["Tune starts it -> worker enters the trainable"].append(b["entered"] - b["started"])
+            parts["entered -> setup (spec, dataset, imports)"].append(b["t_start"] - b["setup_s"] - b["entered"])
+            parts["setup: model, optimizer (setup_seconds)"].append(b["setup_s"])
+            parts["slot lost"].append(b["t_start"] - a["train_end"])
+    med = {k: round(statistics.median(v), 4) if v else None for k, v in parts.items()}
+    trial_s = sum(t["seconds"] for t in trials)
+    conc = int(spec.resources["max_concurrent"])
+    return {"trials": len(trials), "hand_overs": len(parts["slot lost"]), "median_s": med,
+            "mean_slot_lost_s": round(statistics.mean(parts["slot lost"]), 4) if parts["slot lost"] else None,
+            "first_start_s": round(min(t["t_start"] for t in trials) - min(
+                t["suggested"] for t in trials if t["suggested"]), 3) if trials else None,
+            "study_wall_s": wall, "ratio": wall * conc / trial_s if trial_s else None, "target_per_trial_s": 0.3}
 
 
 def quickstart(extra: list[str]) -> dict:
@@ -251,6 +364,9 @@ def main(argv: list[str] | None = None) -> dict:
         if "overhead" in args.parts:
             log("overhead ...")
             result["overhead"] = overhead(bench, cfg["overhead_trials"], ray_s)
+        if "handover" in args.parts:
+            log("handover ...")
+            result["handover"] = handover(bench, cfg["overhead_trials"])
         if "efficiency" in args.parts:
             log("efficiency ...")
             result["efficiency"] = efficiency(bench, args.seeds or cfg["seeds"], args.trials or cfg["trials"])

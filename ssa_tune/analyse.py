@@ -7,6 +7,7 @@ extra trainings is `tune.run_robustness`, drawing is `report`.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 from itertools import combinations
 from typing import Any, Sequence
@@ -15,6 +16,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .errors import UserError
 from .spec import SSA_SWITCH
 
 EVALUATORS = ("fanova", "ped_anova")
@@ -57,6 +59,23 @@ def _quiet() -> None:
 
 
 REPEATS = 200  # bootstrap resamples behind every importance interval
+RESAMPLES_ENV = "SSA_TUNE_IMPORTANCE_RESAMPLES"  # the setting that changes it (e.g. fewer in tests)
+
+
+def resamples() -> int:
+    """The report's bootstrap resamples: $SSA_TUNE_IMPORTANCE_RESAMPLES, else 200. At least 20: with fewer, a
+    90 % interval is the min and max of a handful of fits."""
+    raw = os.environ.get(RESAMPLES_ENV, "").strip()
+    if not raw:
+        return REPEATS
+    try:
+        n = int(raw)
+    except ValueError:
+        n = None
+    if n is None or n < 20:
+        raise UserError(f"must be an integer >= 20 (bootstrap resamples of the report's importances), got {raw!r}",
+                        field=RESAMPLES_ENV)
+    return n
 
 
 def importances(study: optuna.Study, objective: int = 0, repeats: int = REPEATS, seed: int = 0,

@@ -180,6 +180,9 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
     added trials (or it never ran), "always" re-runs it, "never" skips it."""
     study_name = target.study or spec.name
     # everything that can be wrong is checked before anything is written
+    from .analyse import resamples
+
+    resamples()  # the report's setting, read at the end: a bad value is one line now, not after the study
     st.check_storage(target.storage)
     check_tracking(target.tracking)
     if tune.in_ray_job():  # work from a folder of our own: Ray may unpack the job's folder anew meanwhile

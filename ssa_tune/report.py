@@ -47,8 +47,10 @@ def _config_label(params: dict) -> str:
     return ", ".join(f"{k}={_fmt(v, 3)}" for k, v in keep.items())
 
 
-def build(study: optuna.Study, target: Target, out_dir: Path, repeats: int = analyse.REPEATS) -> dict[str, Any]:
-    """Compute everything and write report.html, report.json and the PNGs; returns the report dict."""
+def build(study: optuna.Study, target: Target, out_dir: Path, repeats: int | None = None) -> dict[str, Any]:
+    """Compute everything and write report.html, report.json and the PNGs; returns the report dict.
+    `repeats`: the importances' bootstrap resamples (default: `analyse.resamples()`, 200 unless set)."""
+    repeats = analyse.resamples() if repeats is None else repeats
     spec = validate(st.study_spec(study), study.user_attrs.get(st.ATTR_SPEC_PATH, study.study_name), check_data=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     imps = {o.metric: analyse.importances(study, i, repeats=repeats) for i, o in enumerate(spec.objectives)}

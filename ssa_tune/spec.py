@@ -33,7 +33,7 @@ SECTIONS = ("name", "dataset", "model", "train", "ssa", "search", "objective", "
             "resources", "sampler", "storage", "tracking", "baseline", "robustness", "select", "verdict")
 # What every trial reports at each evaluation, and only at its end (see `JobSpec.reported_metrics`).
 EVERY_EVAL = ("step", "progress", "train_loss", "lr", "tokens", "tokens_per_s", "train_seconds", "val_loss",
-              "val_ppl", "val_loss_at_start", "val_ppl_at_start", "peak_mem_mb", "seconds")
+              "val_ppl", "val_loss_at_start", "val_ppl_at_start", "peak_mem_mb", "seconds", "setup_seconds")
 AT_END = ("test_loss", "test_ppl", "latency_ms_per_token", "n_params", "ssa_params", "trainable_params")
 # the two arms of a study that answers "does SSA help here?"; a study without a baseline has the SSA arm only
 ARMS = ("baseline", "ssa")

@@ -258,6 +258,7 @@ def build_model(dataset, model_cfg: ModelConfig, ssa: SSAConfig | None) -> tuple
 
 
 def _train(dataset, model_cfg, cfg, ssa, on_eval, freeze_layers) -> TrialResult:
+    t_setup = time.perf_counter()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -282,6 +283,7 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval, freeze_layers) -> TrialResult:
     total = cfg.max_steps if cfg.max_tokens is None else max(1, math.ceil(cfg.max_tokens / tokens_per_step))
     history: list[dict[str, float]] = []
     train_time, tokens, t_start = 0.0, 0, time.perf_counter()
+    setup_seconds = t_start - t_setup  # threads, device, model (or checkpoint) built and moved, optimizer
     last_loss = float("nan")
     metrics: dict[str, float] = {}
     # the model as it starts (a checkpoint as it came, or the random init): what fine-tuning moved
@@ -320,6 +322,7 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval, freeze_layers) -> TrialResult:
                 metrics["trainable_params"] = counts["trainable"]
             metrics["peak_mem_mb"] = memory.mb()
             metrics["seconds"] = time.perf_counter() - t_start
+            metrics["setup_seconds"] = setup_seconds
             history.append(metrics)
             if on_eval is not None:
                 on_eval(dict(metrics))

@@ -24,8 +24,11 @@ from .trial import KEY_ARM, KEY_NUMBER, KEY_TRIAL_ID, execute, failure_reason, t
 _RAY_KEYS = {"done", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "date", "pid",
              "hostname", "node_ip", "time_since_restore", "iterations_since_restore", "trial_id",
              "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "timesteps_total", "episodes_total",
-             "timesteps_since_restore", "config", "ssa_tune.node_id"}
+             "timesteps_since_restore", "config", "ssa_tune.node_id", "ssa_tune.entered", "ssa_tune.wall"}
 NODE_KEY = "ssa_tune.node_id"
+# wall-clock times (time.time()) the worker adds to each report: when the trainable was entered, and when the
+# report was made; benchmarks/tuning.py's hand-over profile reads them, nothing else does
+ENTERED_KEY, WALL_KEY = "ssa_tune.entered", "ssa_tune.wall"
 
 
 def _ours(key: str) -> bool:
@@ -151,6 +154,7 @@ def check_resources(spec: JobSpec, nodes: list[dict[str, Any]] | None = None) ->
 
 def _trainable(config: dict, ctx: dict) -> None:
     """A Ray Tune function trainable: one Optuna trial. It reports to the driver only."""
+    entered = time.time()
     import ray
     import ray.tune
 
@@ -160,7 +164,8 @@ def _trainable(config: dict, ctx: dict) -> None:
     try:
         raw = ctx["variants"][config[KEY_VARIANT]] if KEY_VARIANT in config else json.loads(ctx["spec"])
         spec = validate(raw, ctx["spec_path"], check_data=False, base_dir=os.environ.get("TUNE_ORIG_WORKING_DIR"))
-        execute(spec, params, ctx["cpus"], ctx["gpus"], report=lambda m: ray.tune.report({**m, NODE_KEY: node}))
+        execute(spec, params, ctx["cpus"], ctx["gpus"], report=lambda m: ray.tune.report({**m, NODE_KEY: node, ENTERED_KEY: entered,
+                                                                                  WALL_KEY: time.time()}))
     except Exception as e:
         # the reason travels in the error, which the driver reads back (see `_error_reason`)
         raise RuntimeError(f"trial {number} failed: {failure_reason(e)}") from None

@@ -13,6 +13,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SSA_TUNE = [sys.executable, "-m", "ssa_tune.cli"]
+# the report's importance intervals from 40 bootstrap resamples, not 200: every study a test runs (in this
+# process or an `ssa-tune` subprocess) writes a report; the default is tested in test_analyse
+os.environ.setdefault("SSA_TUNE_IMPORTANCE_RESAMPLES", "40")
 
 # Small enough for 2 CPU cores: one layer, d_model 32, 40 steps, 2 trials at a time.
 TINY = {
@@ -81,3 +84,20 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, check: bo
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def pytest_sessionstart(session):
+    """This worker's PostgreSQL database (tests/services.py: one per pytest-xdist worker). Without a server
+    nothing is created here, and the PostgreSQL tests fail on their own: they never skip."""
+    from .services import create_pg_database
+
+    try:
+        create_pg_database()
+    except Exception:  # noqa: BLE001 - the tests that need it say what is wrong
+        pass
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The long end-to-end tests first, so that parallel workers (pytest-xdist) do not end on one of them
+    while the others sit idle. The same order in every worker, as xdist requires."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -16,7 +16,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-PG_URL = "postgresql+psycopg2://root@127.0.0.1:5432/test"
+PG_SERVER = "postgresql+psycopg2://root@127.0.0.1:5432"
+# one database per pytest-xdist worker on the machine's PostgreSQL server (`test` when the suite runs serially):
+# parallel workers never see each other's studies; conftest creates it at the session's start
+PG_DATABASE = "test" + (f"_{os.environ['PYTEST_XDIST_WORKER']}" if os.environ.get("PYTEST_XDIST_WORKER") else "")
+PG_URL = f"{PG_SERVER}/{PG_DATABASE}"
+
+
+def create_pg_database() -> None:
+    """Create this worker's database if it is missing (the server's `test` database always exists)."""
+    if PG_DATABASE == "test":
+        return
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"{PG_SERVER}/test", isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as c:
+            if not c.execute(sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": PG_DATABASE}).first():
+                c.execute(sa.text(f'CREATE DATABASE "{PG_DATABASE}"'))
+    finally:
+        engine.dispose()
 
 
 def free_port() -> int:
@@ -90,12 +109,17 @@ class MlflowServer:
 
 class RayCluster:
     """A head node and named worker nodes started with the project's `ray` as a new user would, from a shell
-    whose PATH does not hold the venv, with token authentication on (the head writes $HOME/.ray/auth_token)."""
+    whose PATH does not hold the venv, with token authentication on (the head writes $HOME/.ray/auth_token).
+
+    Each `ray start` runs in a session of its own: Ray's daemons (GCS, raylet, workers) stay in that process
+    group, so a node is stopped by signalling its group, never with `ray stop`, which ends every Ray node on
+    the host, other people's included."""
 
     def __init__(self, home: Path):
         self.home = home
         self.port, self.dashboard_port = free_port(), free_port()
         self.env = clean_env(home, RAY_AUTH_MODE="token")
+        self.groups: dict[str, int] = {}  # node name -> the process group of its `ray start`
 
     @property
     def address(self) -> str:
@@ -105,20 +129,24 @@ class RayCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _ray(self, *args: str, timeout: float = 120) -> None:
-        proc = subprocess.run([str(VENV_BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, cwd=self.home)
-        assert proc.returncode == 0, f"ray {' '.join(args)}: {proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    def _ray(self, *args: str, node: str | None = None, timeout: float = 120) -> None:
+        proc = subprocess.Popen([str(VENV_BIN / "ray"), *args], env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=self.home, start_new_session=True)
+        if node:
+            self.groups[node] = proc.pid
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"ray {' '.join(args)}: {out[-2000:]}\n{err[-3000:]}"
 
     def start_head(self, cpus: int = 1) -> "RayCluster":
         self._ray("get-auth-token", "--generate")
         self._ray("start", "--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
-                  "--dashboard-port", str(self.dashboard_port), "--num-cpus", str(cpus), "--node-name", "head")
+                  "--dashboard-port", str(self.dashboard_port), "--num-cpus", str(cpus), "--node-name", "head",
+                  node="head")
         return self
 
     def add_node(self, name: str, cpus: int, resources: dict[str, float]) -> None:
         self._ray("start", "--address", self.address, "--num-cpus", str(cpus), "--node-name", name,
-                  "--resources", json.dumps(resources))
+                  "--resources", json.dumps(resources), node=name)
         wait_for(lambda: name in self.alive_node_names(), 60, f"node {name} to join")
 
     def alive_node_names(self) -> set[str]:
@@ -138,33 +166,91 @@ class RayCluster:
 
     def kill_node(self, name: str) -> int:
         """What `ray stop --force` does on that node's host: SIGKILL its raylet and every process under it."""
-        import psutil
-
-        killed = 0
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = p.info["cmdline"] or []
-            if cmd and cmd[0].endswith("raylet") and f"--node-name={name}" in cmd:
-                for q in [*p.children(recursive=True), p]:
-                    try:
-                        q.kill()
-                        killed += 1
-                    except psutil.NoSuchProcess:
-                        pass
-        assert killed, f"no raylet for node {name}"
+        killed = kill_group(self.groups.pop(name))
+        assert killed, f"no process left of node {name}"
         return killed
 
     def stop(self) -> None:
-        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        for name in [n for n in self.groups if n != "head"] + ["head"]:
+            if name in self.groups:
+                kill_group(self.groups.pop(name))
+
+
+def kill_group(pgid: int) -> int:
+    """SIGKILL every process of the process group `pgid` (one this test started); how many there were."""
+    import psutil
+
+    members = group_members(pgid)
+    for p in members:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(members, timeout=30)
+    return len(members)
+
+
+def group_members(pgid: int) -> list:
+    """The live processes (not zombies) of process group `pgid`."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["status"]):
+        if _pgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+            out.append(p)
+    return out
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ Postgres
 
 
-def restart_postgres() -> None:
-    """`pg_ctlcluster VERSION main restart` on the local server (as the issue's fault asks)."""
-    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
-    proc = subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    wait_for(lambda: subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"]).returncode == 0, 60,
-             "PostgreSQL to accept connections")
+class PostgresServer:
+    """A PostgreSQL server of this test's own (the machine's PostgreSQL binaries, a data directory in `root`,
+    trust auth, superuser `root`, a free port on 127.0.0.1): a test that restarts PostgreSQL restarts this one,
+    never the machine's server that other tests (and other people) are using."""
+
+    def __init__(self, root: Path):
+        version = sorted(p.name for p in Path("/usr/lib/postgresql").iterdir())[-1]
+        self.bin = Path("/usr/lib/postgresql") / version / "bin"
+        self.root, self.data, self.port = root, root / "data", free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o777)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://root@127.0.0.1:{self.port}/test"
+
+    def _as_postgres(self, *args: str, timeout: float = 120) -> None:
+        cmd = [str(a) for a in args]
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.root)
+        assert proc.returncode == 0, f"{' '.join(cmd)}: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+
+    def start(self) -> "PostgresServer":
+        fresh = not self.data.exists()
+        if fresh:
+            self._as_postgres(self.bin / "initdb", "-D", self.data, "-U", "root", "--auth=trust", "-E", "UTF8",
+                              "--no-sync")
+        self._as_postgres(self.bin / "pg_ctl", "-D", self.data, "-l", self.root / "server.log", "-w", "-o",
+                          f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        if fresh:
+            self._as_postgres(self.bin / "createdb", "-h", "127.0.0.1", "-p", self.port, "-U", "root", "test")
+        return self
+
+    def restart(self) -> None:
+        """`pg_ctl restart` (fast shutdown: every open connection is cut), then wait until it accepts again."""
+        self._as_postgres(self.bin / "pg_ctl", "-D", self.data, "-w", "-m", "fast", "restart")
+        wait_for(lambda: subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port),
+                                         "-q"]).returncode == 0, 60, "PostgreSQL to accept connections")
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._as_postgres(self.bin / "pg_ctl", "-D", self.data, "-w", "-m", "immediate", "stop")

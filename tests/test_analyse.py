@@ -128,3 +128,10 @@ def test_a_failed_long_context_run_counts_and_crashes_nothing():
     flags = analyse.long_range_flags({"base": [0.9, None], "fine": [0.9, 0.9], "broken": [None, None]}, "base")
     assert flags == {"fine": False, "broken": True}
     assert analyse.long_range_flags({"base": [None, None], "x": [0.5, 0.5]}, "base") == {}
+
+
+def test_the_reports_resamples_default_to_200_and_follow_the_setting(monkeypatch):
+    monkeypatch.delenv(analyse.RESAMPLES_ENV, raising=False)
+    assert analyse.resamples() == 200
+    monkeypatch.setenv(analyse.RESAMPLES_ENV, "40")
+    assert analyse.resamples() == 40

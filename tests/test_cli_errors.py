@@ -116,6 +116,17 @@ def test_unreachable_tracking_server(write_spec, tmp_path):
     assert not (tmp_path / "wd").exists()
 
 
+@pytest.mark.parametrize("value", ["5", "many"])
+def test_a_bad_resample_setting_is_one_line_before_anything_runs(write_spec, tmp_path, value):
+    spec = write_spec()
+    result = runner.invoke(app, ["run", str(spec), "--workdir", str(tmp_path / "wd")],
+                           env={"SSA_TUNE_IMPORTANCE_RESAMPLES": value})
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == ("error: SSA_TUNE_IMPORTANCE_RESAMPLES: must be an integer >= 20 (bootstrap "
+                                     f"resamples of the report's importances), got '{value}'")
+    assert not (tmp_path / "wd").exists()
+
+
 def test_set_override_is_validated(write_spec):
     spec = write_spec()
     result = runner.invoke(app, ["validate", str(spec), "--set", "train.max_steps=-3"])

@@ -17,7 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from .conftest import ROOT, SSA_TUNE, TINY, deep_update, run_cli
-from .services import PG_URL, MlflowServer, restart_postgres, wait_for
+from .services import PG_URL, MlflowServer, PostgresServer, wait_for
 
 pytestmark = pytest.mark.slow
 DONE = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -143,25 +143,29 @@ def test_mlflow_down_at_the_end_is_named_then_synced(tmp_path):
 
 
 def test_postgresql_restarted_mid_study(tmp_path):
-    name = f"pg-restart-{uuid.uuid4().hex[:6]}"
-    spec = _spec(tmp_path, name, train={"max_steps": 160, "eval_every": 20}, budget={"n_trials": 4},
-                 scheduler={"kind": "none"})
-    driver = _start(["run", spec, "--workdir", tmp_path / "wd", "--storage", PG_URL, "--json"], tmp_path)
+    """The study's PostgreSQL server restarts (fast shutdown: every connection cut) while trials run: the driver
+    reconnects and finishes the budget, every trial number once. The server is this test's own, so the
+    restart cuts no other test's connections."""
+    server = PostgresServer(tmp_path / "pg").start()
     try:
-        _wait_done_trials(PG_URL, name, 1, driver)
-        restart_postgres()
-        out, err = driver.communicate(timeout=600)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    try:
+        name = "pg-restart"
+        spec = _spec(tmp_path, name, train={"max_steps": 160, "eval_every": 20}, budget={"n_trials": 4},
+                     scheduler={"kind": "none"})
+        driver = _start(["run", spec, "--workdir", tmp_path / "wd", "--storage", server.url, "--json"], tmp_path)
+        try:
+            _wait_done_trials(server.url, name, 1, driver)
+            server.restart()
+            out, err = driver.communicate(timeout=600)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
         assert driver.returncode == 0, err[-3000:]
         summary = json.loads(out)
         assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 4 and summary["trials"]["running"] == 0
-        study = optuna.load_study(study_name=name, storage=PG_URL)
+        study = optuna.load_study(study_name=name, storage=server.url)
         assert sorted(t.number for t in study.trials) == list(range(len(study.trials)))
     finally:
-        _delete(name)
+        server.stop()
 
 
 def test_two_drivers_on_one_postgresql_study(tmp_path):

@@ -214,6 +214,7 @@ def test_robustness_stage_report_and_robust_export(write_spec, tmp_path):
     assert summary["report"] == str(report_dir / "report.html")
     rep = json.loads((report_dir / "report.json").read_text())
     # importances: objective -> param -> {mean, low, high}
+    assert rep["importance_resamples"] == int(os.environ["SSA_TUNE_IMPORTANCE_RESAMPLES"])  # the setting holds
     imp = rep["importances"]["val_loss"]
     assert imp and all({"mean", "low", "high"} <= set(v) and v["low"] <= v["mean"] <= v["high"] for v in imp.values())
     # robustness: config id -> {mean, std, seeds}; the baseline is always among them
