@@ -28,11 +28,14 @@ demo: $(STAMP)
 	$(BIN)/ssa-tune export quickstart -o .ssa_tune/best.yaml
 	@echo "--- .ssa_tune/best.yaml"; cat .ssa_tune/best.yaml
 
+# the suite in parallel (pytest-xdist): most of its time is waiting on services, Ray and subprocesses, so more
+# workers than cores; the 15 slowest tests are printed at the end
+TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=5
 
 bench: $(STAMP)
 	@mkdir -p out

@@ -233,10 +233,10 @@ def handover(bench: Bench, n_trials: int) -> dict:
             parts["setup: model, optimizer (setup_seconds)"].append(b["setup_s"])
             parts["slot lost"].append(b["t_start"] - a["train_end"])
     med = {k: round(statistics.median(v), 4) if v else None for k, v in parts.items()}
+    mean = {k: round(statistics.mean(v), 4) if v else None for k, v in parts.items()}
     trial_s = sum(t["seconds"] for t in trials)
     conc = int(spec.resources["max_concurrent"])
-    return {"trials": len(trials), "hand_overs": len(parts["slot lost"]), "median_s": med,
-            "mean_slot_lost_s": round(statistics.mean(parts["slot lost"]), 4) if parts["slot lost"] else None,
+    return {"trials": len(trials), "hand_overs": len(parts["slot lost"]), "median_s": med, "mean_s": mean,
             "first_start_s": round(min(t["t_start"] for t in trials) - min(
                 t["suggested"] for t in trials if t["suggested"]), 3) if trials else None,
             "study_wall_s": wall, "ratio": wall * conc / trial_s if trial_s else None, "target_per_trial_s": 0.3}

@@ -128,25 +128,54 @@ def train(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
 
 
 def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
-    import optuna
-
-    from . import study as st
-    from .driver import run_study
-    from .robustness import ATTR_ROBUSTNESS
-    from .tune import in_ray_job
-
     import signal
 
     def terminate(signum, frame):  # `ssa-tune jobs stop`, `kill`: stop like Ctrl-C, closing the running trials
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, terminate)
+    previous = signal.signal(signal.SIGTERM, terminate)
     say = (lambda m: typer.echo(m, err=True)) if as_json else typer.echo
     json_out = None
-    if as_json:  # stdout is the one JSON object: whatever Ray prints goes to stderr with our progress lines
+    if as_json and _stdout_is_fd1():
+        # stdout is the one JSON object: whatever Ray prints goes to stderr with our progress lines
         sys.stdout.flush()
         json_out = os.dup(1)
         os.dup2(2, 1)
+    try:
+        summary, robust = _study_and_report(s, target, resume, trials, address, say)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if json_out is not None:  # the process's stdout as it was (the CLI may run inside another program)
+            sys.stdout.flush()
+            os.dup2(json_out, 1)
+    if as_json:
+        text = json.dumps(summary, indent=2, default=_json_default) + "\n"
+        if json_out is not None:
+            os.write(json_out, text.encode())
+            os.close(json_out)
+        else:
+            typer.echo(text, nl=False)
+        return
+    _closing_lines(s, target, summary, robust)
+
+
+def _stdout_is_fd1() -> bool:
+    """Whether sys.stdout writes to file descriptor 1 (not so when the CLI runs inside a program that captures
+    its output, e.g. typer's CliRunner)."""
+    try:
+        return sys.stdout.fileno() == 1
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _study_and_report(s, target, resume: bool, trials, address, say) -> tuple[dict, dict | None]:
+    """Run the study, then write its report when it has a robustness stage: (summary, robustness record)."""
+    import optuna
+
+    from . import study as st
+    from .driver import run_study
+    from .robustness import ATTR_ROBUSTNESS
+
     summary = run_study(s, target, resume=resume, n_trials=trials, address=address, out=say)
     robust = None
     if s.robustness is not None and summary["trials"]["complete"]:
@@ -158,10 +187,13 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
         summary["decision"] = (rep.get("verdict") or {}).get("decision")
         summary["recommendation"] = ((rep.get("verdict") or {}).get("recommendation") or {}).get("text")
         summary["winner"] = rep.get("winner")
-    if as_json:
-        sys.stdout.flush()
-        os.write(json_out, (json.dumps(summary, indent=2, default=_json_default) + "\n").encode())
-        return
+    return summary, robust
+
+
+def _closing_lines(s, target, summary: dict, robust: dict | None) -> None:
+    from . import study as st
+    from .tune import in_ray_job
+
     c = summary["trials"]
     typer.echo(f"\nstudy {summary['study']}: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed")
     for arm, ac in summary["trials_by_arm"].items():

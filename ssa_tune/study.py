@@ -499,21 +499,53 @@ def new_driver_id() -> str:
 def beat(study: optuna.Study, driver: str, stopped: bool = False) -> None:
     """Record that `driver` is alive (or, with `stopped`, that it ended cleanly)."""
     study._storage.set_study_user_attr(study._study_id, ATTR_DRIVER_PREFIX + driver, {
-        "host": socket.gethostname(), "pid": os.getpid(), "beat": time.time(), "stopped": stopped})
+        "host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid()),
+        "beat": time.time(), "stopped": stopped})
+
+
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, as the kernel counts it (Linux: /proc/PID/stat field 22, clock ticks since
+    boot, plus the boot's id): with the PID, it names one process; a PID reused later has another start.
+    None where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except (OSError, ValueError):
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 onwards
+    return f"{boot}:{fields[19]}"
 
 
 def _alive(record: dict | None, now: float) -> bool:
+    """A driver is alive while its heartbeat is fresh (younger than GRACE_S), on every host. On this host a
+    driver whose process is gone is dead at once: no process with its PID, or one that started at another
+    time (the PID was reused, e.g. by a restarted container with the same hostname)."""
     if not record or record.get("stopped"):
         return False
     if record.get("host") == socket.gethostname():
         try:
-            os.kill(int(record["pid"]), 0)
-        except (ProcessLookupError, ValueError, TypeError):
+            pid = int(record["pid"])
+        except (KeyError, ValueError, TypeError):
             return False
-        except PermissionError:
-            return True
+        started = process_start(pid)
+        if started is None and not _pid_exists(pid):
+            return False
+        if record.get("started") is not None and started is not None and started != record["started"]:
+            return False
+    try:
+        return now - float(record.get("beat", 0)) < GRACE_S
+    except (TypeError, ValueError):
+        return False
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
         return True
-    return now - float(record.get("beat", 0)) < GRACE_S
+    return True
 
 
 def live_drivers(study: optuna.Study) -> dict[str, dict]:

@@ -81,6 +81,34 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, check: bo
     return proc
 
 
+def run_here(*args: str, cwd: Path | None = None, check: bool = True,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """`ssa-tune ARGS` inside this test process (typer's CliRunner): the CLI's own code from argument parsing to
+    exit code, minus a new interpreter, its imports and a Ray start for every command. A study started here
+    starts this process's local Ray instance once (`tune.init_ray`), and every later study of the process
+    (one pytest-xdist worker) runs on it. For what only a real process shows (signals, a killed driver,
+    a fresh `import`, the installed `ssa-tune` script) tests use `run_cli`."""
+    from typer.testing import CliRunner
+
+    from ssa_tune.cli import app
+
+    here = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    finally:
+        os.chdir(here)
+    proc = subprocess.CompletedProcess(["ssa-tune", *map(str, args)], result.exit_code, result.stdout, result.stderr)
+    if check and result.exit_code != 0:
+        import traceback
+
+        tb = "".join(traceback.format_exception(result.exception)) if result.exception else ""
+        raise AssertionError(f"ssa-tune {' '.join(map(str, args))} exited {result.exit_code}\n"
+                             f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-5000:]}\n{tb[-5000:]}")
+    return proc
+
+
 @pytest.fixture
 def cli():
     return run_cli

@@ -51,6 +51,20 @@ def test_tuning_efficiency_quick_mode(tmp_path):
     assert png.stat().st_size > 10_000
 
 
+def test_handover_profile_quick_mode(tmp_path):
+    """The hand-over profile joins the workers' and the driver's clocks: every part of a slot's lost time is
+    measured, none negative beyond clock noise, and they add up to the slot time lost."""
+    out = tmp_path / "tuning.json"
+    _run("benchmarks/tuning.py", "--quick", "--parts", "handover", "--out", str(out))
+    h = json.loads(out.read_text())["handover"]
+    assert h["trials"] == 4 and h["hand_overs"] >= 2
+    mean = h["mean_s"]
+    assert all(v is not None and v > -0.05 for v in mean.values()), mean
+    # the parts cover the slot's lost time (all but the instant between the last `seconds` and its report)
+    parts = sum(v for k, v in mean.items() if k != "slot lost")
+    assert parts == pytest.approx(mean["slot lost"], abs=0.05), mean
+
+
 def test_storage_benchmark_quick_mode():
     r = json.loads(_run("benchmarks/storage.py", "--quick").stdout)
     for backend in ("sqlite", "postgresql"):

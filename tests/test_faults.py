@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from .conftest import ROOT, SSA_TUNE, TINY, deep_update, run_cli
+from .conftest import ROOT, SSA_TUNE, TINY, deep_update, run_cli, run_here
 from .services import PG_URL, MlflowServer, PostgresServer, wait_for
 
 pytestmark = pytest.mark.slow
@@ -77,7 +77,8 @@ def test_mlflow_server_stopped_mid_study_and_started_again(tmp_path):
     try:
         _wait_done_trials(f"sqlite:///{wd / 'optuna.db'}", name, 1, driver)
         server.stop()
-        time.sleep(8)  # trials report meanwhile; their metrics, tags and closing wait in the mirror
+        # trials report and finish meanwhile: their metrics, tags and closing wait in the mirror
+        _wait_done_trials(f"sqlite:///{wd / 'optuna.db'}", name, 2, driver)
         server.start()
         out, err = driver.communicate(timeout=600)
     finally:
@@ -97,7 +98,7 @@ def test_mlflow_server_stopped_mid_study_and_started_again(tmp_path):
             assert run.info.status == "FINISHED" and run.data.tags["ssa_tune.state"] == "COMPLETE"
             steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
             assert steps == list(range(60, 601, 60))  # every evaluation, including those made while it was down
-        status = json.loads(run_cli("status", name, "--workdir", wd, "--json").stdout)
+        status = json.loads(run_here("status", name, "--workdir", wd, "--json").stdout)
         assert status["mlflow_pending"] == []
     finally:
         server.stop()
@@ -129,15 +130,15 @@ def test_mlflow_down_at_the_end_is_named_then_synced(tmp_path):
     left = mirror.close(timeout=3)
     assert set(left) == {"trial-0"} and len(left["trial-0"]) == 3
     assert set(pending_mirror(study)) == {"trial-0"}
-    proc = run_cli("status", "late", "--workdir", wd)
+    proc = run_here("status", "late", "--workdir", wd)
     assert "MLflow: not yet mirrored: trial-0" in proc.stdout
     server.start()
     try:
-        assert run_cli("sync", "late", "--workdir", wd).stdout.startswith("mlflow: sent 3 write(s)")
+        assert run_here("sync", "late", "--workdir", wd).stdout.startswith("mlflow: sent 3 write(s)")
         client, children = _children(server.uri, "late")
         assert len(children) == 1 and children[0].info.status == "FINISHED"
         assert client.get_metric_history(children[0].info.run_id, "val_loss")[0].value == 1.0
-        assert json.loads(run_cli("status", "late", "--workdir", wd, "--json").stdout)["mlflow_pending"] == []
+        assert json.loads(run_here("status", "late", "--workdir", wd, "--json").stdout)["mlflow_pending"] == []
     finally:
         server.stop()
 
@@ -206,7 +207,7 @@ def test_two_drivers_on_one_postgresql_study(tmp_path):
         assert len(parents) == 1
         for r in everything:
             assert "s3cret" not in json.dumps({**r.data.tags, **r.data.params})
-        status = run_cli("status", name, "--storage", storage, "--workdir", tmp_path / "wd0")
+        status = run_here("status", name, "--storage", storage, "--workdir", tmp_path / "wd0")
         assert "s3cret" not in status.stdout + status.stderr
     finally:
         server.stop()
@@ -220,7 +221,7 @@ def test_resume_leaves_another_hosts_live_trials_alone(tmp_path):
 
     spec = _spec(tmp_path, "elsewhere", budget={"n_trials": 3}, scheduler={"kind": "none"})
     wd = tmp_path / "wd"
-    run_cli("run", spec, "--workdir", wd, "--trials", "2")
+    run_here("run", spec, "--workdir", wd, "--trials", "2")
     storage = st.open_storage(f"sqlite:///{wd / 'optuna.db'}")
     study = optuna.load_study(study_name="elsewhere", storage=storage)
     study.set_user_attr(st.ATTR_DRIVER_PREFIX + "other-1", {"host": "another-host", "pid": 1, "beat": time.time(),
@@ -229,14 +230,14 @@ def test_resume_leaves_another_hosts_live_trials_alone(tmp_path):
     storage.set_trial_user_attr(live._trial_id, st.T_DRIVER, "other-1")
     storage.set_trial_user_attr(live._trial_id, st.T_ARM, "baseline")
     study.set_user_attr(st.ATTR_N_TRIALS, 4)
-    summary = json.loads(run_cli("resume", "elsewhere", "--workdir", wd, "--json").stdout)
+    summary = json.loads(run_here("resume", "elsewhere", "--workdir", wd, "--json").stdout)
     t = optuna.load_study(study_name="elsewhere", storage=storage).trials[live.number]
     assert t.state == optuna.trial.TrialState.RUNNING and "ssa_tune.fail_reason" not in t.user_attrs
     assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 3  # the 4th is the other host's
     # once that driver falls silent past the grace period, its trial is failed and re-run
     study.set_user_attr(st.ATTR_DRIVER_PREFIX + "other-1", {"host": "another-host", "pid": 1,
                                                              "beat": time.time() - st.GRACE_S - 1, "stopped": False})
-    summary = json.loads(run_cli("resume", "elsewhere", "--workdir", wd, "--json").stdout)
+    summary = json.loads(run_here("resume", "elsewhere", "--workdir", wd, "--json").stdout)
     t = optuna.load_study(study_name="elsewhere", storage=storage).trials[live.number]
     assert t.state == optuna.trial.TrialState.FAIL and t.user_attrs["ssa_tune.fail_reason"].startswith("killed")
     assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 4
@@ -264,12 +265,12 @@ def test_waiting_for_an_autoscaler_is_shown_and_bounded(tmp_path):
             assert driver.poll() is None, driver.communicate()[1][-3000:]
             if not (wd / "optuna.db").exists():
                 return False
-            proc = run_cli("status", "scale", "--workdir", wd, "--json", check=False)
+            proc = run_here("status", "scale", "--workdir", wd, "--json", check=False)
             return proc.returncode == 0 and json.loads(proc.stdout)["waiting_for_resources"]
 
         w = wait_for(waiting, 120, "status to show the wait")
         assert w["asks"] == {"CPU": 1.0, "big_node": 1.0}
-        assert "waiting for resources since" in run_cli("status", "scale", "--workdir", wd).stdout
+        assert "waiting for resources since" in run_here("status", "scale", "--workdir", wd).stdout
         out, err = driver.communicate(timeout=180)
     finally:
         if driver.poll() is None:

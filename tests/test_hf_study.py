@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from ssa_tune.cli import app
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, run_here
 
 runner = CliRunner()
 
@@ -286,7 +286,7 @@ def test_an_hf_study_end_to_end_then_export_and_convert_a_fresh_copy(tmp_path, c
     digest = hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()
     spec = write(tmp_path, hf_spec(corpus, checkpoint))
     wd = tmp_path / "wd"
-    summary = json.loads(run_cli("run", spec, "--workdir", wd, "--json", timeout=300).stdout)
+    summary = json.loads(run_here("run", spec, "--workdir", wd, "--json").stdout)
     assert summary["trials"]["complete"] == 4 and summary["trials"]["failed"] == 0, summary
 
     study = optuna.load_study(study_name="hfstudy", storage=f"sqlite:///{wd / 'optuna.db'}")
@@ -305,7 +305,7 @@ def test_an_hf_study_end_to_end_then_export_and_convert_a_fresh_copy(tmp_path, c
             run.data.metrics)
 
     best = tmp_path / "best.yaml"
-    run_cli("export", "hfstudy", "-o", best, "--workdir", wd)
+    run_here("export", "hfstudy", "-o", best, "--workdir", wd)
     exported = yaml.safe_load(best.read_text())
     assert exported["model"] == {"kind": "hf", "path": str(checkpoint), "dtype": "float32",
                                  "attn_implementation": "sdpa"}

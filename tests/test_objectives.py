@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from ssa_tune.cli import app
 from ssa_tune.selection import Rule, dominates, pareto_front
 
-from .conftest import ROOT, TINY, deep_update, run_cli
+from .conftest import ROOT, TINY, deep_update, run_here
 
 runner = CliRunner()
 TWO = [{"metric": "val_loss", "direction": "minimize"}, {"metric": "latency_ms_per_token", "direction": "minimize"}]
@@ -98,13 +98,13 @@ def test_two_objectives_with_an_end_of_trial_metric(tmp_path, sampler):
     spec = _spec(tmp_path, {"objective": TWO, "scheduler": {"kind": "none"}, "sampler": {"kind": sampler, "seed": 0},
                             "budget": {"n_trials": 4}, "train": {"max_steps": 20, "eval_every": 10}})
     wd = tmp_path / "wd"
-    summary = json.loads(run_cli("run", spec, "--workdir", wd, "--json").stdout)
+    summary = json.loads(run_here("run", spec, "--workdir", wd, "--json").stdout)
     assert summary["trials"]["complete"] == 4 and summary["trials"]["running"] == 0
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{wd / 'optuna.db'}")
     assert sorted(m["number"] for m in summary["front"]) == sorted(t.number for t in study.best_trials)
     for m in summary["front"]:
         assert set(m["values"]) == {"val_loss", "latency_ms_per_token"}
-    out = run_cli("best", "tiny", "--workdir", wd).stdout
+    out = run_here("best", "tiny", "--workdir", wd).stdout
     assert out.startswith("Pareto front (val_loss, latency_ms_per_token)") and "latency_ms_per_token=" in out
     # a rule: the lowest val_loss among the members within a latency bound
     lats = sorted(m["values"]["latency_ms_per_token"] for m in summary["front"])
@@ -112,15 +112,15 @@ def test_two_objectives_with_an_end_of_trial_metric(tmp_path, sampler):
     allowed = [m for m in summary["front"] if m["values"]["latency_ms_per_token"] <= bound]
     expected = min(allowed, key=lambda m: (m["values"]["val_loss"], m["number"]))["number"]
     best = tmp_path / "best.yaml"
-    run_cli("export", "tiny", "-o", best, "--workdir", wd, "--where", f"latency_ms_per_token <= {bound}",
+    run_here("export", "tiny", "-o", best, "--workdir", wd, "--where", f"latency_ms_per_token <= {bound}",
             "--pick", "val_loss")
     exported = yaml.safe_load(best.read_text())
     assert exported["study"]["trial"] == expected
     assert exported["source"]["rule"]["where"] == [f"latency_ms_per_token <= {bound:g}"]
-    refused = run_cli("export", "tiny", "-o", best, "--workdir", wd, "--where", "latency_ms_per_token <= 0",
+    refused = run_here("export", "tiny", "-o", best, "--workdir", wd, "--where", "latency_ms_per_token <= 0",
                       "--pick", "val_loss", check=False)
     assert refused.returncode == 2 and refused.stderr.startswith("error: --where: no front member satisfies")
-    rep = run_cli("report", "tiny", "--workdir", wd)
+    rep = run_here("report", "tiny", "--workdir", wd)
     report = json.loads((wd / "reports" / "tiny" / "report.json").read_text())
     assert {t["number"] for t in report["pareto"]["trials"] if t["on_front"]} == {t.number for t in study.best_trials}
     assert (wd / "reports" / "tiny" / "front.png").exists() and rep.returncode == 0
@@ -134,17 +134,17 @@ def test_tradeoff_spec_exports_the_member_its_rule_chooses(tmp_path):
     robustness stage over the members it allows."""
     wd = tmp_path / "wd"
     # as a user runs it (no --json): the closing lines show the front and the winner the rule chose
-    out = run_cli("run", ROOT / "search_spaces" / "tradeoff.yaml", "--workdir", wd, "--trials", "4",
+    out = run_here("run", ROOT / "search_spaces" / "tradeoff.yaml", "--workdir", wd, "--trials", "4",
                   "--set", "train.max_steps=30", "--set", "train.eval_every=15",
                   "--set", "robustness.seeds=2", "--set", "robustness.top_k=1",
                   "--set", "robustness.confirm_seeds=2").stdout
-    summary = json.loads(run_cli("status", "tradeoff", "--workdir", wd, "--json").stdout)
+    summary = json.loads(run_here("status", "tradeoff", "--workdir", wd, "--json").stdout)
     assert summary["front"]
     assert "Pareto front (val_loss, latency_ms_per_token)" in out
     assert "(robust score over 2 fresh seeds)" in out
     assert "among the front members where latency_ms_per_token <= 1, by val_loss" in out
     best = tmp_path / "best.yaml"
-    run_cli("export", "tradeoff", "-o", best, "--workdir", wd)
+    run_here("export", "tradeoff", "-o", best, "--workdir", wd)
     exported = yaml.safe_load(best.read_text())
     assert exported["source"]["rule"]["pick"] == "val_loss"
     assert exported["source"]["selected_by"].startswith("robust score")

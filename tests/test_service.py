@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from .conftest import ROOT, SSA_TUNE, TINY, deep_update, run_cli
+from .conftest import ROOT, SSA_TUNE, TINY, deep_update, run_here
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def _runs(workdir, name="tiny"):
 def test_quickstart_study_end_to_end(write_spec, tmp_path):
     spec = write_spec()
     wd = tmp_path / "wd"
-    proc = run_cli("run", spec, "--workdir", wd, "--json")
+    proc = run_here("run", spec, "--workdir", wd, "--json")
     summary = json.loads(proc.stdout)
     assert summary["study"] == "tiny"
     c = summary["trials"]
@@ -75,15 +75,15 @@ def test_quickstart_study_end_to_end(write_spec, tmp_path):
     assert parent.data.metrics["trials_complete"] == c["complete"]
 
     # status / best / studies / export read the study back
-    status = json.loads(run_cli("status", "tiny", "--workdir", wd, "--json").stdout)
+    status = json.loads(run_here("status", "tiny", "--workdir", wd, "--json").stdout)
     assert set(status) >= {"study", "storage", "tracking_uri", "trials", "best"}
     assert status["best"]["value"] == pytest.approx(study.best_value)
-    best = json.loads(run_cli("best", "tiny", "--workdir", wd, "--json").stdout)
+    best = json.loads(run_here("best", "tiny", "--workdir", wd, "--json").stdout)
     assert best["number"] == study.best_trial.number and "val_loss" in best["metrics"]
-    assert json.loads(run_cli("studies", "--workdir", wd, "--json").stdout)[0]["study"] == "tiny"
+    assert json.loads(run_here("studies", "--workdir", wd, "--json").stdout)[0]["study"] == "tiny"
 
     out = tmp_path / "best.yaml"
-    run_cli("export", "tiny", "-o", out, "--workdir", wd)
+    run_here("export", "tiny", "-o", out, "--workdir", wd)
     exported = yaml.safe_load(out.read_text())
     assert exported["study"]["trial"] == study.best_trial.number
     assert exported["model"]["d_model"] == 32 and exported["train"]["lr"] == pytest.approx(study.best_params["train.lr"])
@@ -111,7 +111,7 @@ def test_quickstart_study_end_to_end(write_spec, tmp_path):
     assert name == "SSAConfig" and gate == exported["ssa"]["query_gate"] and int(converted) == 2 and vocab == "50"
 
     # running the same spec again: the budget is spent, nothing new runs
-    again = json.loads(run_cli("run", spec, "--workdir", wd, "--json").stdout)
+    again = json.loads(run_here("run", spec, "--workdir", wd, "--json").stdout)
     assert again["trials"] == summary["trials"]
 
 
@@ -124,7 +124,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(raw))
     wd = tmp_path / "wd"
-    summary = json.loads(run_cli("run", spec, "--workdir", wd, "--json").stdout)
+    summary = json.loads(run_here("run", spec, "--workdir", wd, "--json").stdout)
     study = _study(wd)
     states = [t.state for t in study.trials]
     assert optuna.trial.TrialState.RUNNING not in states
@@ -179,7 +179,7 @@ def test_sigkill_then_resume_finishes_the_budget(write_spec, tmp_path):
     before = _study(wd).trials
     assert any(t.state == optuna.trial.TrialState.RUNNING for t in before)
 
-    summary = json.loads(run_cli("resume", "tiny", "--workdir", wd, "--json").stdout)
+    summary = json.loads(run_here("resume", "tiny", "--workdir", wd, "--json").stdout)
     study = _study(wd)
     c = summary["trials"]
     assert c["complete"] + c["pruned"] == 5  # the budget counts COMPLETE and PRUNED
@@ -209,7 +209,7 @@ def test_robustness_stage_report_and_robust_export(write_spec, tmp_path):
                        "robustness": {"top_k": 2, "seeds": 2, "penalty": 1.0, "constraint": True, "confirm_seeds": 2,
                                       "long_context": {"kind": "passkey", "seq_len": 64}}})
     wd = tmp_path / "wd"
-    summary = json.loads(run_cli("run", spec, "--workdir", wd, "--json").stdout)
+    summary = json.loads(run_here("run", spec, "--workdir", wd, "--json").stdout)
     report_dir = wd / "reports" / "tiny"
     assert summary["report"] == str(report_dir / "report.html")
     rep = json.loads((report_dir / "report.json").read_text())
@@ -264,11 +264,11 @@ def test_robustness_stage_report_and_robust_export(write_spec, tmp_path):
     # seeds vary training only: every run is scored on the study's own evaluation data
     assert {r.data.params["dataset.eval_seed"] for r in robust_runs} == {"0"}
     assert len({r.data.params["train.seed"] for r in robust_runs}) == 4
-    status = run_cli("status", "tiny", "--workdir", wd).stdout
+    status = run_here("status", "tiny", "--workdir", wd).stdout
     assert f"  verdict: {v['answer']}" in status and "  recommendation: " in status
     # the export takes the robust winner and says so
     out = tmp_path / "best.json"
-    run_cli("export", "tiny", "-o", out, "--workdir", wd)
+    run_here("export", "tiny", "-o", out, "--workdir", wd)
     exported = json.loads(out.read_text())
     assert f"trial-{exported['study']['trial']}" == rep["winner"]
     assert exported["source"]["selected_by"].startswith("robust score over 2 fresh seeds")
@@ -279,12 +279,12 @@ def test_robustness_stage_report_and_robust_export(write_spec, tmp_path):
     # --arm: each arm's configuration the verdict compared, whichever won (the SSA settings to try elsewhere)
     for arm, config in (("ssa", v["ssa_config"]), ("baseline", v["baseline_config"])):
         out = tmp_path / f"{arm}.json"
-        run_cli("export", "tiny", "-o", out, "--arm", arm, "--workdir", wd)
+        run_here("export", "tiny", "-o", out, "--arm", arm, "--workdir", wd)
         exported = json.loads(out.read_text())
         assert f"trial-{exported['study']['trial']}" == config and exported["source"]["winner"] == arm
         assert exported["source"]["selected_by"].startswith(f"the {arm} arm's best: robust score over 2 fresh seeds")
         assert (exported["ssa"]["query_position"] == "none") == (arm == "baseline")
-    bad = run_cli("export", "tiny", "-o", tmp_path / "x.json", "--arm", "both", "--workdir", wd, check=False)
+    bad = run_here("export", "tiny", "-o", tmp_path / "x.json", "--arm", "both", "--workdir", wd, check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == \
         "error: --arm: must be one of this study's arms (baseline, ssa), got 'both'"
     assert not (tmp_path / "x.json").exists()
@@ -337,7 +337,7 @@ def test_text_spec_with_a_relative_path_as_a_new_user_types_it(tmp_path):
     """`ssa-tune run search_spaces/text.yaml --set dataset.path=corpus.txt` from the folder holding the corpus:
     the path is relative to where the user stands, not to where Ray runs the trials."""
     (tmp_path / "corpus.txt").write_text((ROOT / "README.md").read_text() * 3)
-    proc = run_cli("run", ROOT / "search_spaces" / "text.yaml", "--set", "dataset.path=corpus.txt",
+    proc = run_here("run", ROOT / "search_spaces" / "text.yaml", "--set", "dataset.path=corpus.txt",
                    "--set", "train.max_steps=20", "--set", "train.eval_every=10", "--trials", "2",
                    "--json", cwd=tmp_path)
     summary = json.loads(proc.stdout)
@@ -360,7 +360,7 @@ def test_a_trial_that_trains_to_its_own_end_is_complete(tmp_path, budget):
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(deep_update(TINY, changes)))
     wd = tmp_path / "wd"
-    summary = json.loads(run_cli("run", spec, "--workdir", wd, "--json").stdout)
+    summary = json.loads(run_here("run", spec, "--workdir", wd, "--json").stdout)
     assert summary["trials"]["complete"] >= 1 and summary["trials"]["failed"] == 0
     study = _study(wd)
     for t in study.trials:
@@ -378,9 +378,9 @@ def test_values_invalid_together_fail_one_trial_not_the_study(tmp_path):
                      "model.n_head": {"type": "categorical", "choices": [2, 3]}}
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(raw))
-    assert run_cli("validate", spec).returncode == 0
+    assert run_here("validate", spec).returncode == 0
     wd = tmp_path / "wd"
-    summary = json.loads(run_cli("run", spec, "--workdir", wd, "--json").stdout)
+    summary = json.loads(run_here("run", spec, "--workdir", wd, "--json").stdout)
     assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 6
     failed = [t for t in _study(wd).trials if t.state == optuna.trial.TrialState.FAIL]
     assert failed, "seed 0 draws the invalid pair (32, 3)"
@@ -414,7 +414,7 @@ def test_export_takes_a_baseline_winner_that_is_not_a_trial(tmp_path):
         "summary": {"baseline": row, "trial-0": {**row, "mean": 1.0, "score": 1.02, "rank": 2}},
         "configs": {"baseline": {"ssa.enabled": False}, "trial-0": {"ssa.enabled": True, "ssa.query_gate": "shared"}}})
     out = tmp_path / "best.yaml"
-    proc = run_cli("export", "tiny", "-o", out, "--workdir", wd)
+    proc = run_here("export", "tiny", "-o", out, "--workdir", wd)
     exported = yaml.safe_load(out.read_text())
     assert exported["source"]["winner"] == "baseline"
     assert exported["source"]["selected_by"].startswith("robust score over 2 fresh seeds")

@@ -7,6 +7,7 @@ not skip, when it is missing (.ci/run starts it).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -16,7 +17,7 @@ import pytest
 
 from ssa_tune.study import open_storage
 
-from .conftest import ROOT, run_cli
+from .conftest import ROOT, run_here
 
 PG_URL = "postgresql+psycopg2://root@127.0.0.1:5432/test"
 
@@ -93,14 +94,14 @@ def test_study_on_postgresql(write_spec, tmp_path):
     spec = write_spec({"budget": {"n_trials": 2}, "train": {"max_steps": 20, "eval_every": 10}})
     storage = open_storage(PG_URL)
     try:
-        summary = json.loads(run_cli("run", spec, "--workdir", tmp_path / "wd", "--storage", PG_URL,
+        summary = json.loads(run_here("run", spec, "--workdir", tmp_path / "wd", "--storage", PG_URL,
                                      "--study", name, "--json").stdout)
         assert summary["study"] == name and summary["storage"] == PG_URL
         c = summary["trials"]
         assert c["complete"] + c["pruned"] == 2 and c["failed"] == 0
         study = optuna.load_study(study_name=name, storage=storage)
         assert len(study.trials) == 2 and study.user_attrs["ssa_tune.spec"]
-        status = json.loads(run_cli("status", name, "--storage", PG_URL, "--workdir", tmp_path / "wd",
+        status = json.loads(run_here("status", name, "--storage", PG_URL, "--workdir", tmp_path / "wd",
                                     "--json").stdout)
         assert status["trials"] == c
         # nothing of the study went to the default SQLite file
@@ -110,3 +111,27 @@ def test_study_on_postgresql(write_spec, tmp_path):
             optuna.delete_study(study_name=name, storage=storage)
         except KeyError:
             pass
+
+
+def test_a_driver_is_alive_by_its_heartbeat_and_its_own_process():
+    """A driver record on this host names a process by PID and start time: a reused PID (another process now)
+    is a dead driver at once, and a live process whose heartbeat went stale is dead too (before: any live
+    process with that PID kept the driver "alive" whatever its heartbeat said)."""
+    import socket
+    import time
+
+    from ssa_tune import study as st
+
+    now = time.time()
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": st.process_start(os.getpid()),
+          "beat": now, "stopped": False}
+    assert me["started"] is not None
+    assert st._alive(me, now)
+    assert not st._alive({**me, "started": me["started"] + "0"}, now)  # the PID is another process's now
+    assert not st._alive({**me, "beat": now - st.GRACE_S - 1}, now)  # alive process, silent driver
+    assert not st._alive({**me, "stopped": True}, now)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not st._alive({**me, "pid": child.pid, "started": None}, now)  # no such process
+    other = {**me, "host": "another-host", "pid": 1, "started": "x"}
+    assert st._alive(other, now) and not st._alive({**other, "beat": now - st.GRACE_S - 1}, now)
