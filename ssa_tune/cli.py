@@ -591,11 +591,47 @@ def ui(workdir: Workdir = None, tracking_uri: Tracking = None,
            "--workers", "1"]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     typer.echo(f"MLflow UI: http://{host}:{port}  (Ctrl-C to stop)")
+    import signal
+
+    def stop(signum, frame):  # `kill`, a service manager: end like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    # run from the work dir: a stray module in the current directory must not shadow what the server imports.
+    # A session of its own: the server and its uvicorn workers are one process group, ended with this command
+    proc = subprocess.Popen(cmd, env=env, cwd=target.workdir if target.workdir.is_dir() else None,
+                            start_new_session=True)
+    code = 0
     try:
-        # run from the work dir: a stray module in the current directory must not shadow what the server imports
-        raise typer.Exit(subprocess.call(cmd, env=env, cwd=target.workdir if target.workdir.is_dir() else None))
+        code = proc.wait()
     except KeyboardInterrupt:
-        raise typer.Exit(0)
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _end_group(proc)
+    raise typer.Exit(code)
+
+
+def _end_group(proc) -> None:
+    """SIGTERM to the process group `proc` leads, SIGKILL to whatever is left of it after 10 s."""
+    import signal
+    import subprocess
+
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:  # the leader is gone; its workers may not be
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            return
 
 
 def main() -> None:

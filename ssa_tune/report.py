@@ -243,10 +243,16 @@ def _pngs(study: optuna.Study, report: dict, out_dir: Path) -> list[str]:
         rob = report["robustness"]
         ids = list(rob)
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.bar(ids, [rob[c]["mean"] for c in ids], yerr=[rob[c]["std"] or 0 for c in ids], capsize=4,
+        # a configuration none of whose seeds finished (every seed diverged) has no mean: no bar, a note
+        means = [float("nan") if rob[c]["mean"] is None else rob[c]["mean"] for c in ids]
+        ax.bar(ids, means, yerr=[rob[c]["std"] or 0 for c in ids], capsize=4,
                color=["#1a7f37" if c == report["winner"] else "#8c959f" for c in ids])
         for c in ids:
-            ax.plot([c] * len(rob[c]["seeds"]), rob[c]["seeds"], "k.", ms=6)
+            done = [v for v in rob[c]["seeds"] if v is not None]
+            ax.plot([c] * len(done), done, "k.", ms=6)
+            if not done:
+                ax.annotate("no seed\nfinished", (c, 0.5), xycoords=("data", "axes fraction"), ha="center",
+                            fontsize=8, color="#cf222e")
         ax.set_ylabel(metric)
         ax.set_title("Robustness: each config on fresh training seeds, mean ± std (dots: seeds)")
         fig.tight_layout()

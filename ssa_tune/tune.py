@@ -49,6 +49,10 @@ def _quiet_ray() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
+    # Ctrl-C must interrupt the study (KeyboardInterrupt: the driver fails and re-queues its running trials,
+    # stores no partial robustness stage, exits 130): Tune's own SIGINT handler would instead end `fit()`
+    # normally, as if the budget were spent
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     for name in ("ray.tune", "ray.air", "ray.train", "ray"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 

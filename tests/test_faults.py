@@ -245,9 +245,10 @@ def test_resume_leaves_another_hosts_live_trials_alone(tmp_path):
 
 def test_a_gpu_nobody_has_is_one_line_not_a_hang(tmp_path):
     spec = _spec(tmp_path, "gpu", resources={"gpus_per_trial": 1})
-    start = time.monotonic()
-    proc = run_cli("run", spec, "--workdir", tmp_path / "wd", check=False, timeout=120)
-    assert proc.returncode == 2 and time.monotonic() - start < 90
+    # not a hang: the command ends by itself (a hang would wait for a GPU forever; the 300 s limit only
+    # bounds the test on a machine slowed by other work)
+    proc = run_cli("run", spec, "--workdir", tmp_path / "wd", check=False, timeout=300)
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: {spec}: resources: one trial asks for CPU 1, GPU 1, but no node")
     assert not (tmp_path / "wd" / "optuna.db").exists()
@@ -279,3 +280,63 @@ def test_waiting_for_an_autoscaler_is_shown_and_bounded(tmp_path):
     assert err.strip().splitlines()[-1].startswith(f"error: {spec}: resources: waited ")
     study = optuna.load_study(study_name="scale", storage=f"sqlite:///{wd / 'optuna.db'}")
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+@pytest.mark.parametrize("phase", ["search", "robustness"])
+def test_ctrl_c_stops_like_sigterm_and_resume_finishes(tmp_path, phase):
+    """Ctrl-C (a real SIGINT to the driver) in either phase: exit code 130, the driver's running trials FAIL
+    "interrupted" and re-queued, no partial robustness result stored; `resume` then finishes the budget and
+    the robustness stage, and the report has its decision. (Ray Tune's own SIGINT handler once made
+    `tuner.fit()` return normally: exit 0, a verdict from a partial stage that `resume` called done.)"""
+    import signal
+    import threading
+
+    from ssa_tune.robustness import ATTR_ROBUSTNESS
+
+    name = f"ctrl-c-{phase}"
+    spec = _spec(tmp_path, name, train={"max_steps": 300, "eval_every": 20}, budget={"n_trials": 4},
+                 scheduler={"kind": "none"}, robustness={"top_k": 1, "seeds": 2, "confirm_seeds": 2})
+    wd = tmp_path / "wd"
+    storage = f"sqlite:///{wd / 'optuna.db'}"
+    driver = subprocess.Popen([*SSA_TUNE, "run", str(spec), "--workdir", str(wd)], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
+    reader.start()
+    try:
+        if phase == "search":
+            def running():
+                assert driver.poll() is None, driver.stderr.read()[-3000:]
+                if not (wd / "optuna.db").exists():
+                    return False
+                try:
+                    trials = optuna.load_study(study_name=name, storage=storage).trials
+                except KeyError:
+                    return False
+                return any(t.state == optuna.trial.TrialState.RUNNING and t.intermediate_values for t in trials)
+        else:
+            def running():
+                assert driver.poll() is None, driver.stderr.read()[-3000:]
+                return any(line.startswith("  running  #robust-") for line in list(lines))
+        wait_for(running, 300, f"the {phase} phase to be under way", interval=0.2)
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=120) == 130
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    reader.join(timeout=10)
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert ATTR_ROBUSTNESS not in study.user_attrs  # nothing of a stage cut short
+    if phase == "search":
+        stopped = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+        assert stopped and all("interrupted" in t.user_attrs["ssa_tune.fail_reason"] for t in stopped)
+        assert all(len([r for r in study.trials if r.user_attrs.get("ssa_tune.retry_of") == t.number]) == 1
+                   for t in stopped)
+    summary = json.loads(run_cli("resume", name, "--workdir", wd, "--json").stdout)
+    assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 4 and summary["trials"]["running"] == 0
+    assert summary["decision"] in ("helps", "hurts", "equivalent", "undecided")
+    rep = json.loads((wd / "reports" / name / "report.json").read_text())
+    assert rep["verdict"]["decision"] == summary["decision"]
+    assert all(len(r["seeds"]) == 2 for r in rep["robustness"].values())  # every run of the stage, none cut

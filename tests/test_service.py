@@ -17,6 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from .conftest import ROOT, SSA_TUNE, TINY, deep_update, run_here
+from .services import kill_group, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -323,12 +324,20 @@ def test_ui_serves_the_study_on_loopback(tmp_path):
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         local = [line.split()[3] for line in listening.splitlines() if line.strip()]
         assert local and all(addr == f"127.0.0.1:{port}" for addr in local), listening
+        # SIGTERM to the command alone (as `kill PID` or a service manager sends it): the server it started
+        # and the server's workers end with it, nothing serves on the port afterwards
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        wait_for(lambda: not subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                                            text=True).stdout.strip(), 20, f"port {port} to close")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # a failure above: let the command end its server, then make sure
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        kill_group(proc.pid)
     first_line = proc.stdout.read().splitlines()[0]
     assert first_line == f"MLflow UI: http://127.0.0.1:{port}  (Ctrl-C to stop)"
 
@@ -420,3 +429,35 @@ def test_export_takes_a_baseline_winner_that_is_not_a_trial(tmp_path):
     assert exported["source"]["selected_by"].startswith("robust score over 2 fresh seeds")
     assert exported["ssa"]["query_position"] == "none" and exported["ssa"]["query_gate"] == "none"
     assert exported["study"]["config"] == "baseline" and "(baseline, robust score)" in proc.stdout
+
+
+def test_a_report_with_a_configuration_no_seed_finished_renders(tmp_path):
+    """Every robustness seed of one configuration diverged: it has no mean. The report (HTML, JSON, PNGs)
+    still renders and says so (it once crashed in matplotlib adding None)."""
+    from ssa_tune import study as st
+    from ssa_tune.driver import resolve_target
+    from ssa_tune.report import build
+    from ssa_tune.robustness import ATTR_ROBUSTNESS
+
+    wd = tmp_path / "wd"
+    storage = st.open_storage(f"sqlite:///{wd / 'optuna.db'}")
+    study = optuna.create_study(study_name="tiny", storage=storage)
+    dists = {"ssa.enabled": optuna.distributions.CategoricalDistribution([True, False]),
+             "train.lr": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True)}
+    for i, (on, lr, v) in enumerate([(False, 3e-3, 1.0), (True, 2e-3, 0.9), (True, 5e-3, 0.95), (False, 8e-3, 1.1),
+                                     (True, 1e-3, 1.2), (False, 1.5e-3, 1.05)]):
+        study.add_trial(optuna.trial.create_trial(params={"ssa.enabled": on, "train.lr": lr}, distributions=dists,
+                                                  value=v, user_attrs={"ssa_tune.arm": "ssa" if on else "baseline"}))
+    study.set_user_attr(st.ATTR_SPEC, json.dumps(TINY))
+    row = {"mean": 0.8, "std": 0.01, "seeds": 2, "failed": 0, "values": [0.79, 0.81], "score": 0.81, "rank": 1}
+    dead = {"mean": None, "std": None, "seeds": 2, "failed": 2, "values": [None, None], "score": None, "rank": None}
+    study.set_user_attr(ATTR_ROBUSTNESS, {
+        "objective": "val_loss", "penalty": 1.0, "winner": "trial-0",
+        "summary": {"trial-0": row, "trial-1": dead},
+        "configs": {"trial-0": {"ssa.enabled": False, "train.lr": 3e-3},
+                    "trial-1": {"ssa.enabled": True, "train.lr": 2e-3}}})
+    target = resolve_target(None, None, str(wd), None, None, "tiny")
+    rep = build(study, target, tmp_path / "report")
+    assert rep["robustness"]["trial-1"]["mean"] is None
+    assert (tmp_path / "report" / "robustness.png").stat().st_size > 5_000
+    assert "trial-1" in (tmp_path / "report" / "report.html").read_text()

@@ -144,28 +144,34 @@ def test_peak_memory_is_the_trials_own_not_the_worker_processs():
     assert small.metrics["peak_mem_mb"] < 0.5 * big.metrics["peak_mem_mb"], (small.metrics, big.metrics)
 
 
-def test_decode_latency_times_the_generated_tokens_only():
-    """ms per generated token: the prompt's forward (prefill) is not a generated token. With a prefill made
-    slow on purpose, the per-token time must not move."""
-    import time
-
+def test_decode_latency_times_the_generated_tokens_only(monkeypatch):
+    """ms per generated token: the prompt's forward (prefill) and the warm-up step are not timed. The clock is
+    the model's own: each forward advances a fake clock (prefill 1,000 s, warm-up 7 s, a generated token 2 ms),
+    so the answer is exact and no load on the machine can move it."""
+    import ssa_tune.train as train_mod
     from ssa_tune.model import GPT
     from ssa_tune.train import decode_latency_ms
 
     torch.manual_seed(0)
     ds = build_dataset({"kind": "markov"}, seed=0)
     model = GPT(GPTConfig(vocab_size=ds.vocab_size, seq_len=ds.seq_len, **TINY_MODEL))
-    calls = []
+    calls, clock = [], [0.0]
 
-    def slow_prefill(module, args):
+    class FakeTime:
+        @staticmethod
+        def perf_counter():
+            return clock[0]
+
+    def advance(module, args):
         calls.append(args[0].shape[1])
-        if args[0].shape[1] > 1:
-            time.sleep(0.2)
+        singles = calls.count(1)
+        clock[0] += 1000.0 if args[0].shape[1] > 1 else (7.0 if singles == 1 else 0.002)
 
-    model.register_forward_pre_hook(slow_prefill)
+    monkeypatch.setattr(train_mod, "time", FakeTime)
+    model.register_forward_pre_hook(advance)
     ms = decode_latency_ms(model, ds, torch.device("cpu"), n_tokens=4)
-    assert ms < 40, ms  # 0.2 s of prefill over 4 tokens would be 50 ms a token
-    assert calls.count(1) >= 4 and [c for c in calls if c > 1] == [calls[0]]  # one prefill, then one token a call
+    assert ms == pytest.approx(2.0)  # the prefill or the warm-up counted would be >= 1,750 ms a token
+    assert calls.count(1) == 5 and [c for c in calls if c > 1] == [calls[0]]  # one prefill, warm-up + 4 tokens
 
 
 # ------------------------------------------------------------------------------------------------ freeze
