@@ -25,11 +25,11 @@ import math
 import statistics
 from typing import Any, Callable
 
-from optuna.trial import TrialState
 
 from . import analyse
 from . import study as st
 from . import verdict as vd
+from .config import GPTConfig
 from .errors import UserError
 from .spec import SSA_SWITCH, JobSpec, validate
 from .trial import trial_params
@@ -49,7 +49,15 @@ def variant_spec(spec: JobSpec, dataset_override: dict | None) -> JobSpec:
     if not dataset_override:
         return spec
     dataset = dict(dataset_override) if "kind" in dataset_override else {**spec.dataset, **dataset_override}
-    return validate({**spec.raw, "dataset": dataset}, spec.path, check_data=False)
+    raw = {**spec.raw, "dataset": dataset}
+    model = dict(spec.raw.get("model") or {})
+    seq_len = dataset.get("seq_len")
+    if model.get("kind", "gpt") != "hf" and isinstance(seq_len, int) and \
+            seq_len > int(model.get("seq_len") or GPTConfig.seq_len):
+        # the variant trains a built-in model of its own: sized to its sequences (a passkey probe of 256
+        # tokens on a study of 128-token models), as a checkpoint cannot be
+        raw["model"] = {**model, "seq_len": seq_len}
+    return validate(raw, spec.path, check_data=False)
 
 
 def _eval_seed(spec: JobSpec) -> int:

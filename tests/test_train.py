@@ -13,7 +13,7 @@ from ssa_tune.data import build_dataset
 from ssa_tune.errors import TrialFailed
 from ssa_tune.train import TrainConfig, lr_at, train
 
-from .conftest import run_cli
+from .conftest import ROOT, run_cli
 
 TINY_MODEL = dict(n_layer=1, n_head=2, d_model=32)
 
@@ -247,3 +247,21 @@ def test_a_frozen_trial_reports_what_it_trained():
     # every run starts from the same model: the same loss before the first step
     assert full.metrics["val_loss_at_start"] == below.metrics["val_loss_at_start"] == base.metrics["val_loss_at_start"]
     assert full.metrics["val_ppl_at_start"] == pytest.approx(math.exp(full.metrics["val_loss_at_start"]))
+
+
+def test_a_long_context_probe_longer_than_the_models_sequences_trains(one_thread):
+    """The README's guard line `long_context: {kind: passkey, seq_len: 256}` on a study of 128-token models:
+    the probe trains a built-in model of its own, sized to its 256-token sequences (every probe once failed
+    "the model's seq_len 128 is shorter than the dataset's 256", and the guard silently flagged nothing)."""
+    from ssa_tune.robustness import variant_spec
+    from ssa_tune.spec import load_spec
+    from ssa_tune.trial import execute
+
+    spec = load_spec(ROOT / "search_spaces" / "quickstart.yaml",
+                     ["robustness.long_context={kind: passkey, seq_len: 256}", "train.max_steps=2",
+                      "train.eval_every=2", "train.latency_tokens=2"])
+    probe = variant_spec(spec, spec.robustness["long_context"])
+    assert probe.model["seq_len"] == 256 and spec.model["seq_len"] < 256
+    reports = []
+    execute(probe, probe.default_params("ssa"), cpus=1, gpus=0, report=reports.append)
+    assert reports and reports[-1]["progress"] == 1.0 and "passkey_acc" in reports[-1]
