@@ -25,7 +25,6 @@ import math
 import statistics
 from typing import Any, Callable
 
-
 from . import analyse
 from . import study as st
 from . import verdict as vd
