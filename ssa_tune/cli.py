@@ -111,8 +111,10 @@ def train(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
                f"tok/s {m['tokens_per_s']:.0f}" + (f"  acc {m['val_acc']:.3f}" if "val_acc" in m else "")
         typer.echo(line, err=as_json)
 
+    from .trial import local_gpus
+
     try:
-        result = execute(s, {}, cpus, 0.0, report)
+        result = execute(s, {}, cpus, local_gpus(), report)
     except TrialFailed as e:
         typer.echo(f"error: {s.path}: trial failed: {e.reason}", err=True)
         raise typer.Exit(1)

@@ -53,6 +53,16 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
+def precision_for(device: torch.device, bf16_supported: bool | None = None) -> str:
+    """The training precision on `device`: "bf16" autocast on a GPU that supports bfloat16, "fp16" autocast
+    with a gradient scaler on one that does not (fp16's range needs loss scaling), "fp32" on the CPU."""
+    if device.type != "cuda":
+        return "fp32"
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return "bf16" if bf16_supported else "fp16"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -211,7 +221,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def accumulate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, amp,
-               step: int = 0) -> float:
+               step: int = 0, scaler=None) -> float:
     """Backward over micro-batches so the gradient equals one big batch's: every scored token weighs the
     same (micro-batch losses are token sums over the step's total count, not means of means)."""
     total = sum(int((y != -100).sum()) for _, y in batches)
@@ -228,7 +238,7 @@ def accumulate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]
         objective = loss * (n / max(total, 1))
         if aux is not None:
             objective = objective + aux / len(batches)
-        objective.backward()
+        (objective if scaler is None else scaler.scale(objective)).backward()
         loss_sum += loss.item() * n
     return loss_sum / max(total, 1)
 
@@ -272,12 +282,15 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval, freeze_layers) -> TrialResult:
     groups = parameter_groups(model, cfg.lr, cfg.weight_decay)
     fused = device.type == "cuda"
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
-    if device.type == "cuda":
-        amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    else:
+    precision = precision_for(device)
+    if precision == "fp32":
         import contextlib
 
         amp = contextlib.nullcontext
+    else:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        amp = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * dataset.seq_len
     total = cfg.max_steps if cfg.max_tokens is None else max(1, math.ceil(cfg.max_tokens / tokens_per_step))
@@ -296,10 +309,16 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval, freeze_layers) -> TrialResult:
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
         batches = [dataset.train_batch(cfg.batch_size, gen) for _ in range(cfg.grad_accum)]
-        last_loss = accumulate(model, batches, device, amp, step)
+        last_loss = accumulate(model, batches, device, amp, step, scaler)
         tokens += sum(x.numel() for x, _ in batches)
+        if scaler is not None:  # gradients back to their true scale before clipping
+            scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -323,6 +342,7 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval, freeze_layers) -> TrialResult:
             metrics["peak_mem_mb"] = memory.mb()
             metrics["seconds"] = time.perf_counter() - t_start
             metrics["setup_seconds"] = setup_seconds
+            metrics["precision"] = precision  # a label, not a number: the driver makes it a tag of the trial
             history.append(metrics)
             if on_eval is not None:
                 on_eval(dict(metrics))

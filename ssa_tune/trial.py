@@ -50,6 +50,15 @@ def trial_params(dataset: dict, model, train, ssa: SSAConfig | None) -> dict[str
     return out
 
 
+def local_gpus() -> float:
+    """GPUs a trial run outside Ray (`ssa-tune train`) may use: one when this machine has a CUDA device."""
+    try:
+        import torch
+    except ImportError:
+        return 0.0
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
 def configure(spec: JobSpec, params: dict[str, Any], cpus: float, gpus: float):
     """The frozen configs of a trial, with threads and device set from its resources."""
     dataset, model, train, ssa = spec.trial_config(params)
@@ -67,7 +76,18 @@ def execute(spec: JobSpec, params: dict[str, Any], cpus: float, gpus: float, rep
     dataset_spec, model_cfg, train_cfg, ssa = configure(spec, params, cpus, gpus)
     dataset = dataset_for(dataset_spec, train_cfg.seed)
     # a baseline trial with `train.freeze: below` trains the layers the spec's ssa.layers selects
-    return train(dataset, model_cfg, train_cfg, ssa, on_eval=report, freeze_layers=spec.freeze_layers())
+    try:
+        return train(dataset, model_cfg, train_cfg, ssa, on_eval=report, freeze_layers=spec.freeze_layers())
+    finally:
+        if train_cfg.device.startswith("cuda"):
+            # a reused worker (reuse_actors) runs the next trial in this process, maybe beside other trials on
+            # the same GPU (fractional GPUs): hand this trial's cached blocks back to the device
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 def failure_reason(e: BaseException) -> str:

@@ -24,8 +24,10 @@ from .trial import KEY_ARM, KEY_NUMBER, KEY_TRIAL_ID, execute, failure_reason, t
 _RAY_KEYS = {"done", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "date", "pid",
              "hostname", "node_ip", "time_since_restore", "iterations_since_restore", "trial_id",
              "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "timesteps_total", "episodes_total",
-             "timesteps_since_restore", "config", "ssa_tune.node_id", "ssa_tune.entered", "ssa_tune.wall"}
+             "timesteps_since_restore", "config", "ssa_tune.node_id", "ssa_tune.entered", "ssa_tune.wall",
+             "precision"}
 NODE_KEY = "ssa_tune.node_id"
+T_PRECISION = "ssa_tune.precision"  # the trial's training precision (fp32, bf16 or fp16), as its worker chose
 # wall-clock times (time.time()) the worker adds to each report: when the trainable was entered, and when the
 # report was made; benchmarks/tuning.py's hand-over profile reads them, nothing else does
 ENTERED_KEY, WALL_KEY = "ssa_tune.entered", "ssa_tune.wall"
@@ -382,8 +384,10 @@ def _searcher_class():
                 node = {"node_id": result.get(NODE_KEY), "ip": result.get("node_ip"),
                         "hostname": result.get("hostname")}
                 self._study._storage.set_trial_user_attr(ot._trial_id, st.T_NODE, node)
+                self._study._storage.set_trial_user_attr(ot._trial_id, T_PRECISION, result.get("precision"))
                 self._mirror.tags(self._keys[trial_id], {"ssa_tune.node_id": node["node_id"],
-                                                         "ssa_tune.node_ip": node["ip"]})
+                                                         "ssa_tune.node_ip": node["ip"],
+                                                         "ssa_tune.precision": result.get("precision")})
             self._mirror.metrics(self._keys[trial_id], {k: v for k, v in result.items() if _ours(k)},
                                  int(step))
             if len(self.objectives) == 1:
@@ -473,7 +477,7 @@ def _searcher_class():
 
 def _arm_scheduler(spec: JobSpec, max_t: int, time_attr: str, grace: int):
     """Early stopping within each arm: one scheduler per arm, each seeing only its own arm's trials."""
-    from ray.tune.schedulers import (ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule,
+    from ray.tune.schedulers import (ASHAScheduler, AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule,
                                      TrialScheduler)
 
     s = spec.scheduler
@@ -485,7 +489,15 @@ def _arm_scheduler(spec: JobSpec, max_t: int, time_attr: str, grace: int):
             return ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=min(grace, max_t),
                                  reduction_factor=s["reduction_factor"], **om)
         if s["kind"] == "hyperband":
-            return HyperBandScheduler(time_attr=time_attr, max_t=max_t, reduction_factor=s["reduction_factor"], **om)
+            # stopping-only Hyperband, as Optuna's HyperbandPruner: successive-halving brackets of every grace
+            # period from `grace` up, each trial in one bracket. (Ray's synchronous HyperBandScheduler pauses
+            # trials and resumes them from checkpoints, which a trial here never writes: a resumed trial would
+            # start again at step 0.)
+            rf = s["reduction_factor"]
+            g = min(grace, max_t)
+            brackets = max(1, int(math.floor(math.log(max(max_t / g, 1.0), rf) + 1e-9)) + 1)
+            return AsyncHyperBandScheduler(time_attr=time_attr, max_t=max_t, grace_period=g, reduction_factor=rf,
+                                           brackets=brackets, **om)
         if s["kind"] == "median":
             return MedianStoppingRule(time_attr=time_attr, grace_period=grace, min_samples_required=3, **om)
         return FIFOScheduler()
@@ -524,7 +536,11 @@ def _arm_scheduler(spec: JobSpec, max_t: int, time_attr: str, grace: int):
             self._of(trial).on_trial_remove(tune_controller, trial)
 
         def choose_trial_to_run(self, tune_controller):
-            return next(iter(self.arms.values())).choose_trial_to_run(tune_controller)
+            for scheduler in (*self.arms.values(), self.fifo):  # every arm's, not the first arm's alone
+                trial = scheduler.choose_trial_to_run(tune_controller)
+                if trial is not None:
+                    return trial
+            return None
 
         def debug_string(self) -> str:
             return "; ".join(f"{a}: {s.debug_string()}" for a, s in self.arms.items())

@@ -461,3 +461,27 @@ def test_a_report_with_a_configuration_no_seed_finished_renders(tmp_path):
     assert rep["robustness"]["trial-1"]["mean"] is None
     assert (tmp_path / "report" / "robustness.png").stat().st_size > 5_000
     assert "trial-1" in (tmp_path / "report" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("kind", ["hyperband", "median"])
+def test_every_scheduler_runs_both_arms_to_their_budgets(tmp_path, kind):
+    """`scheduler.kind: hyperband` and `median` with two arms: each arm's trials are chosen and run (the per-arm
+    scheduler once asked only the first arm's for the next trial), none restarts at step 0, and a trial is
+    COMPLETE at its own end or PRUNED where its arm's scheduler stopped it."""
+    changes = {"budget": {"n_trials": 6}, "sampler": {"kind": "random", "seed": 2},
+               "train": {"max_steps": 40, "eval_every": 10},
+               "scheduler": {"kind": kind, "grace_steps": 10, "reduction_factor": 2}}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(deep_update(TINY, changes)))
+    wd = tmp_path / "wd"
+    summary = json.loads(run_here("run", spec, "--workdir", wd, "--json").stdout)
+    assert summary["trials"]["failed"] == 0 and summary["trials"]["running"] == 0
+    by_arm = summary["trials_by_arm"]
+    assert {a: c["complete"] + c["pruned"] for a, c in by_arm.items()} == {"baseline": 3, "ssa": 3}
+    for t in _study(wd).trials:
+        steps = sorted(t.intermediate_values)
+        assert steps == list(range(10, steps[-1] + 1, 10)), (t.number, steps)  # one pass, never from step 0 again
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert steps[-1] == 40
+        else:
+            assert t.state == optuna.trial.TrialState.PRUNED and steps[-1] < 40

@@ -265,3 +265,29 @@ def test_a_long_context_probe_longer_than_the_models_sequences_trains(one_thread
     reports = []
     execute(probe, probe.default_params("ssa"), cpus=1, gpus=0, report=reports.append)
     assert reports and reports[-1]["progress"] == 1.0 and "passkey_acc" in reports[-1]
+
+
+def test_precision_and_device_choice():
+    """bf16 autocast only where the GPU supports it, else fp16 with a gradient scaler; fp32 on the CPU; and
+    `ssa-tune train` asks for the machine's GPU when there is one (it once always passed gpus=0)."""
+    from ssa_tune.spec import load_spec
+    from ssa_tune.train import precision_for
+    from ssa_tune.trial import configure, local_gpus
+
+    assert precision_for(torch.device("cpu")) == "fp32"
+    assert precision_for(torch.device("cuda"), bf16_supported=True) == "bf16"
+    assert precision_for(torch.device("cuda"), bf16_supported=False) == "fp16"
+    assert local_gpus() == (1.0 if torch.cuda.is_available() else 0.0)
+    spec = load_spec(ROOT / "search_spaces" / "quickstart.yaml")
+    assert configure(spec, {}, 1, 1.0)[2].device == "cuda" and configure(spec, {}, 1, 0.0)[2].device == "cpu"
+
+
+def test_a_trial_says_which_precision_it_trained_in(one_thread):
+    from ssa_tune.spec import load_spec
+    from ssa_tune.trial import execute
+
+    spec = load_spec(ROOT / "search_spaces" / "quickstart.yaml", ["train.max_steps=2", "train.eval_every=2",
+                                                                   "train.latency_tokens=2"])
+    reports = []
+    execute(spec, spec.default_params("ssa"), cpus=1, gpus=0, report=reports.append)
+    assert reports[-1]["precision"] == "fp32" and reports[-1]["setup_seconds"] >= 0
