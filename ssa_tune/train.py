@@ -243,6 +243,37 @@ def accumulate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]
     return loss_sum / max(total, 1)
 
 
+class MasterWeights:
+    """fp32 master copies of the trained parameters a checkpoint loaded in bfloat16 or float16 holds
+    (`model: {dtype: ...}`): the optimizer updates the fp32 copies, the model's low-precision weights take their
+    rounded values after each step. Updated in place, a bf16 weight drops every change smaller than half its
+    last bit (about 0.4 % of its value), so small learning-rate updates would vanish. fp32 parameters are
+    optimized as they are (no copy)."""
+
+    def __init__(self, groups: list[dict]):
+        self.pairs: list[tuple[nn.Parameter, nn.Parameter]] = []
+        self.groups = []
+        for g in groups:
+            params = []
+            for p in g["params"]:
+                if p.dtype in (torch.bfloat16, torch.float16):
+                    master = nn.Parameter(p.detach().float())
+                    self.pairs.append((p, master))
+                    params.append(master)
+                else:
+                    params.append(p)
+            self.groups.append({**g, "params": params})
+
+    def grads_in(self) -> None:
+        for p, master in self.pairs:
+            master.grad = None if p.grad is None else p.grad.detach().float()
+
+    @torch.no_grad()
+    def weights_out(self) -> None:
+        for p, master in self.pairs:
+            p.copy_(master)
+
+
 def build_model(dataset, model_cfg: ModelConfig, ssa: SSAConfig | None) -> tuple[nn.Module, nn.Module]:
     """(the model the loop trains, the module `freeze` and `convert` act on) on the CPU: a new built-in GPT
     (vocabulary widened to the dataset's), or the checkpoint wrapped in `ssa_tune.hf.CausalLM` and converted."""
@@ -279,9 +310,10 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval, freeze_layers) -> TrialResult:
     counts = freeze(core, cfg.freeze, freeze_layers)
     n_params = model.num_params()
     ssa_params = sum(p.numel() for n, p in model.named_parameters() if ".temps." in n)
-    groups = parameter_groups(model, cfg.lr, cfg.weight_decay)
+    masters = MasterWeights(parameter_groups(model, cfg.lr, cfg.weight_decay))
     fused = device.type == "cuda"
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    opt = torch.optim.AdamW(masters.groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    trained = [p for g in opt.param_groups for p in g["params"]]
     precision = precision_for(device)
     if precision == "fp32":
         import contextlib
@@ -311,15 +343,18 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval, freeze_layers) -> TrialResult:
         batches = [dataset.train_batch(cfg.batch_size, gen) for _ in range(cfg.grad_accum)]
         last_loss = accumulate(model, batches, device, amp, step, scaler)
         tokens += sum(x.numel() for x, _ in batches)
+        masters.grads_in()
         if scaler is not None:  # gradients back to their true scale before clipping
             scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
         else:
             opt.step()
+        masters.weights_out()
         opt.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_time += time.perf_counter() - t0

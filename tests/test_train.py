@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -291,3 +292,42 @@ def test_a_trial_says_which_precision_it_trained_in(one_thread):
     reports = []
     execute(spec, spec.default_params("ssa"), cpus=1, gpus=0, report=reports.append)
     assert reports[-1]["precision"] == "fp32" and reports[-1]["setup_seconds"] >= 0
+
+
+def test_low_precision_weights_train_through_fp32_masters():
+    """A model loaded in bfloat16 (`model: {dtype: bfloat16}`) trains as the fp32 one does: 100 AdamW steps at
+    lr 1e-5 (most steps smaller than half a bf16 step of the weights) move the fp32 weights by ~1e-3 on
+    average; updated in place, the bf16 weights moved ~3e-5. Through `MasterWeights` they end where the fp32
+    ones do, rounded to bf16."""
+    from ssa_tune.optim import parameter_groups
+    from ssa_tune.train import MasterWeights
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)).bfloat16().float()  # same start
+    x, y = torch.randn(32, 64), torch.randn(32, 8)
+
+    def run(dtype, masters: bool):
+        model = copy.deepcopy(base).to(dtype)
+        groups = parameter_groups(model, 1e-5, 0.0, temperature_lr_mult=1.0)
+        mw = MasterWeights(groups) if masters else None
+        opt = torch.optim.AdamW(mw.groups if mw else groups, lr=1e-5)
+        for _ in range(100):
+            loss = ((model(x.to(dtype)) - y.to(dtype)) ** 2).mean()
+            loss.backward()
+            if mw:
+                mw.grads_in()
+            opt.step()
+            if mw:
+                mw.weights_out()
+            opt.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
+        return model[0].weight.detach().float()
+
+    start = base[0].weight.detach().clone()
+    ref = run(torch.float32, masters=False)
+    moved = (ref - start).abs().mean()
+    assert moved > 5e-4
+    in_place = run(torch.bfloat16, masters=False)
+    assert (in_place - start).abs().mean() < 0.1 * moved  # the updates vanished
+    mastered = run(torch.bfloat16, masters=True)
+    assert (mastered - ref.bfloat16().float()).abs().mean() < 0.02 * moved  # fp32 training, rounded to bf16
