@@ -85,11 +85,46 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+TRANSIENT, SERVER_ERROR, PERMANENT = "transient", "server error", "permanent"
+# HTTP statuses of a server that is away or busy: the same write succeeds later
+_BUSY_STATUS = {408, 429, 502, 503, 504}
+# what MLflow's REST client says when it could not reach the server at all: it wraps the `requests` error
+# (ConnectionError, Timeout) in an MlflowException whose status is 500, so only its text tells the two apart
+_UNREACHABLE = ("max retries exceeded", "failed to establish a new connection", "connection refused",
+                "connection aborted", "connection reset", "read timed out", "remotedisconnected")
+
+
+def classify(e: BaseException) -> str:
+    """How an MLflow write failed, by the exception's type and HTTP status:
+    TRANSIENT (the server or the database is away or busy: retry until it is back), SERVER_ERROR (an HTTP
+    500 from a server that answered: maybe a passing fault, maybe this write's own; retried a bounded number of
+    times), PERMANENT (the server refused this write, e.g. a 4xx, or it can never apply: retrying cannot help)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return TRANSIENT
+    if isinstance(e, MlflowException):
+        text = str(e).lower()
+        if any(s in text for s in _UNREACHABLE) or "database is locked" in text:
+            return TRANSIENT
+        status = e.get_http_status_code()
+        if status in _BUSY_STATUS:
+            return TRANSIENT
+        return SERVER_ERROR if status >= 500 else PERMANENT
+    if isinstance(e, OSError):  # requests' errors are OSErrors: the connection, not the write
+        return TRANSIENT
+    try:
+        from sqlalchemy.exc import OperationalError
+    except ImportError:  # pragma: no cover - mlflow depends on sqlalchemy
+        OperationalError = ()
+    if isinstance(e, OperationalError) and "locked" in str(e).lower():  # SQLite busy: another writer
+        return TRANSIENT
+    return PERMANENT
+
+
 def transient(e: BaseException) -> bool:
-    """An MLflow failure worth retrying: the server is down or busy, or SQLite is locked."""
-    text = f"{type(e).__name__}: {e}".lower()
-    return any(s in text for s in ("locked", "connection", "max retries", "timed out", "timeout", "temporarily",
-                                   "503", "502", "504", "500", "bad gateway", "unavailable", "refused", "reset by"))
+    """An MLflow failure worth retrying soon (used by the short retries of direct writes)."""
+    return classify(e) in (TRANSIENT, SERVER_ERROR)
 
 
 def _retry(fn, *args, attempts: int = 6, **kwargs):
@@ -266,19 +301,22 @@ class Mirror:
         finish(key, state, reason, ...)    -> closes the run
 
     An operation that fails with a transient error (server down, SQLite locked) is retried with backoff, and
-    everything behind it waits: nothing is reordered. A permanent error (a bad value) drops that operation
-    and is logged. `close(deadline)` waits for the queue; what is still undelivered then goes to
-    `on_undelivered(key, ops)` so the caller can keep it (the Optuna study) for `ssa-tune sync`.
+    everything behind it waits: nothing is reordered. A server error (HTTP 500) is retried `max_attempts`
+    times; then, like a permanent error (a write the server refuses), the operation is set aside and the
+    queue goes on: one bad write never stalls the rest. `close(deadline)` waits for the queue; what is set
+    aside or still undelivered then goes to `on_undelivered(key, ops)` so the caller can keep it (the Optuna
+    study) for `ssa-tune status` to report and `ssa-tune sync` to send again.
     """
 
     def __init__(self, tracker: Tracker, parent_id: str, study: str,
                  on_created: Callable[[str, str], None] | None = None,
                  on_undelivered: Callable[[str, list[dict]], None] | None = None,
-                 runs: dict[str, str] | None = None, max_backoff_s: float = 10.0):
+                 runs: dict[str, str] | None = None, max_backoff_s: float = 10.0, max_attempts: int = 5):
         self.tracker, self.parent_id, self.study = tracker, parent_id, study
         self.on_created, self.on_undelivered = on_created, on_undelivered
         self.runs: dict[str, str] = dict(runs or {})  # key -> MLflow run id
-        self.max_backoff_s = max_backoff_s
+        self.max_backoff_s, self.max_attempts = max_backoff_s, max_attempts
+        self.set_aside: list[dict] = []  # writes that failed for good: kept for `sync`, never dropped
         self._q: "queue.Queue[dict | None]" = queue.Queue()
         self._pending: list[dict] = []  # taken from the queue, not yet delivered
         self._lock = threading.Lock()
@@ -327,7 +365,7 @@ class Mirror:
         self._thread.join(timeout=max(1.0, deadline - time.monotonic()) + 5)
         left: dict[str, list[dict]] = {}
         with self._lock:
-            rest = list(self._pending)
+            rest = [*self.set_aside, *self._pending]
             self._pending.clear()
         while True:
             try:
@@ -337,7 +375,7 @@ class Mirror:
             if op is not None:
                 rest.append(op)
         for op in rest:
-            left.setdefault(op["key"], []).append(op)
+            left.setdefault(op["key"], []).append({k: v for k, v in op.items() if k != "_attempts"})
         if self.on_undelivered:
             for key, ops in left.items():
                 self.on_undelivered(key, ops)
@@ -366,16 +404,22 @@ class Mirror:
                     self._pending.append(op)
             try:
                 self._apply(op)
-            except Exception as e:  # noqa: BLE001 - sorted into transient (retry) and permanent (drop)
-                if transient(e):
+            except Exception as e:  # noqa: BLE001 - sorted: retry (transient, bounded 500s) or set aside
+                kind = classify(e)
+                attempts = op.get("_attempts", 0) + 1
+                if kind == TRANSIENT or (kind == SERVER_ERROR and attempts < self.max_attempts):
                     self.failures += 1
+                    op["_attempts"] = attempts if kind == SERVER_ERROR else op.get("_attempts", 0)
                     if self._closing.is_set():
                         return
                     time.sleep(backoff)
                     backoff = min(backoff * 2, self.max_backoff_s)
                     continue
-                logging.getLogger("ssa_tune").warning("MLflow %s of %s dropped: %s", op["op"], op["key"], e)
+                logging.getLogger("ssa_tune").warning("MLflow %s of %s set aside (%s): %s", op["op"], op["key"],
+                                                      kind, e)
                 self.dropped.append(f"{op['op']} {op['key']}: {e}")
+                with self._lock:
+                    self.set_aside.append({k: v for k, v in op.items() if k != "_attempts"})
             backoff = 0.5
             with self._lock:
                 if self._pending and self._pending[0] is op:
@@ -395,7 +439,7 @@ class Mirror:
             return
         run_id = self.runs.get(key)
         if run_id is None:
-            raise ValueError(f"no MLflow run for {key}")  # its create was dropped: nothing to attach to
+            raise ValueError(f"no MLflow run for {key}")  # its create was set aside: nothing to attach to yet
         if kind == "metrics":
             log_metrics(t.client, run_id, op["metrics"], op["step"])
         elif kind == "tags":
