@@ -475,7 +475,7 @@ def _searcher_class():
 # ------------------------------------------------------------------------------------------ the scheduler
 
 
-def _arm_scheduler(spec: JobSpec, max_t: int, time_attr: str, grace: int):
+def _arm_scheduler(spec: JobSpec, max_t: float, time_attr: str, grace: float):
     """Early stopping within each arm: one scheduler per arm, each seeing only its own arm's trials."""
     from ray.tune.schedulers import (ASHAScheduler, AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule,
                                      TrialScheduler)
@@ -664,14 +664,7 @@ def fit(spec: JobSpec, study, storage_url: str, workdir, mirror, driver: str, bu
     with `make_plan`, the robustness stage's runs on the same workers; returns that stage's plan (or None)."""
     from ray import tune
 
-    train = spec.train_config({})
-    if train.max_tokens is not None:  # a token budget: the scheduler counts tokens
-        time_attr, max_t = "tokens", train.max_tokens
-        tokens_per_step = train.batch_size * train.grad_accum * int(spec.model.get("seq_len", 128))
-        grace = (spec.scheduler.get("grace_steps") or train.eval_every) * tokens_per_step
-    else:
-        time_attr, max_t = "step", _max_steps(spec)
-        grace = spec.scheduler.get("grace_steps") or train.eval_every
+    time_attr, max_t, grace = "progress", 1.0, _grace_fraction(spec)
     trials: dict[str, Any] = {}
     progress, stopper = _callbacks(spec, study, out, trials)
     search = _searcher_class()(spec=spec, study=study, storage_url=storage_url, budgets=budgets, driver=driver,
@@ -724,10 +717,16 @@ def fit(spec: JobSpec, study, storage_url: str, workdir, mirror, driver: str, bu
     return search.plan
 
 
-def _max_steps(spec: JobSpec) -> int:
-    """The most steps any trial can train (the top of a searched max_steps range)."""
-    steps = spec.train_config({}).max_steps
-    for p in spec.search:
-        if p.name == "train.max_steps":
-            steps = max([steps, *(int(v) for v in p.values_to_check())])
-    return steps
+def _grace_fraction(spec: JobSpec) -> float:
+    """The schedulers' time axis is each trial's own progress through its budget, in [0, 1] (reported with every
+    evaluation), so trials that train for different lengths (a searched max_steps, batch size or token budget,
+    a checkpoint's own sequence length) are compared at the same share of their training, and every trial
+    reaches max_t = 1 exactly at its own end. The grace period `grace_steps` (default: one evaluation) becomes
+    a share of the default configuration's steps; a hair below it, so that a rung falls on the evaluation it
+    names despite floating-point rounding."""
+    train = spec.train_config({})
+    seq_len = int(spec.dataset.get("seq_len") or spec.model.get("seq_len") or 128)
+    total = train.max_steps if train.max_tokens is None else \
+        max(1, math.ceil(train.max_tokens / (train.batch_size * train.grad_accum * seq_len)))
+    grace_steps = spec.scheduler.get("grace_steps") or train.eval_every
+    return min(1.0, max(grace_steps / total - 1e-9, 1e-6))

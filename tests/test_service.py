@@ -355,17 +355,21 @@ def test_text_spec_with_a_relative_path_as_a_new_user_types_it(tmp_path):
     assert (tmp_path / ".ssa_tune" / "optuna.db").exists()  # the default work dir is ./.ssa_tune
 
 
-@pytest.mark.parametrize("budget", ["tokens", "searched-steps"])
+@pytest.mark.parametrize("budget", ["tokens", "searched-steps", "tokens-searched-batch"])
 def test_a_trial_that_trains_to_its_own_end_is_complete(tmp_path, budget):
-    """With a token budget, or with max_steps searched (each trial its own length), a trial that reached its
-    own end is COMPLETE: not PRUNED because it stopped short of some other step count."""
+    """With a token budget, with max_steps searched, or with a token budget and a searched batch size (each
+    trial its own length), a trial that reached its own end is COMPLETE: not PRUNED because it stopped short of
+    some other step or token count (the scheduler's axis is each trial's own progress)."""
     changes = {"budget": {"n_trials": 3}, "sampler": {"kind": "random", "seed": 1},
                "scheduler": {"kind": "asha", "grace_steps": 10, "reduction_factor": 3}}
     if budget == "tokens":
         changes["train"] = {"max_tokens": 8 * 128 * 30, "eval_every": 10}  # 30 steps of batch 8 x 128 tokens
-    else:
+    elif budget == "searched-steps":
         changes["train"] = {"eval_every": 10}
         changes["search"] = {**TINY["search"], "train.max_steps": {"type": "int", "low": 20, "high": 40, "step": 10}}
+    else:  # batch 4: 60 steps, batch 8: 30 steps of the same tokens
+        changes["train"] = {"max_tokens": 8 * 128 * 30, "eval_every": 10}
+        changes["search"] = {**TINY["search"], "train.batch_size": {"type": "categorical", "choices": [4, 8]}}
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(deep_update(TINY, changes)))
     wd = tmp_path / "wd"
@@ -374,7 +378,8 @@ def test_a_trial_that_trains_to_its_own_end_is_complete(tmp_path, budget):
     study = _study(wd)
     for t in study.trials:
         if t.state == optuna.trial.TrialState.COMPLETE:
-            own_end = 30 if budget == "tokens" else t.params.get("train.max_steps", 40)
+            own_end = {"tokens": 30, "searched-steps": t.params.get("train.max_steps", 40),
+                       "tokens-searched-batch": 8 * 30 // t.params.get("train.batch_size", 8)}[budget]
             assert max(t.intermediate_values) == own_end, (t.number, t.intermediate_values)
 
 
