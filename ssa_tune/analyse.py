@@ -1,7 +1,7 @@
 """Per-dataset answers from a finished study: importances with intervals, robustness, the SSA verdict.
 
 Pure functions over trials and numbers (Optuna's importance evaluators and SciPy's statistics); running the
-extra trainings is `tune.run_robustness`, drawing is `report`.
+extra trainings is `robustness.Plan` (run by the tuner on its workers), drawing is `report`.
 """
 
 from __future__ import annotations
@@ -222,20 +222,3 @@ def long_range_flags(long: dict[str, list[float | None]], baseline_id: str, tole
     ref = mean(base) - tolerance
     return {cid: mean(v) < ref for cid, v in long.items() if cid != baseline_id and v}
 
-
-def pick_top(study: optuna.Study, k: int, objective: int = 0) -> list[FrozenTrial]:
-    """The k best COMPLETE trials with distinct params."""
-    sign = 1.0 if study.directions[objective] == optuna.study.StudyDirection.MINIMIZE else -1.0
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.values and math.isfinite(t.values[objective])]
-    done.sort(key=lambda t: sign * t.values[objective])
-    seen, out = set(), []
-    for t in done:
-        key = repr(sorted(t.params.items()))
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(t)
-        if len(out) == k:
-            break
-    return out

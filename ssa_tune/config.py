@@ -128,11 +128,6 @@ class SSAConfig:
         return DEFAULT_POSITION_INIT[self.query_position] if self.position_init is None else float(self.position_init)
 
     @property
-    def is_identity(self) -> bool:
-        """True when the layer computes plain attention whatever its parameters."""
-        return self.query_position == "none" and {self.query_gate, self.value_gate, self.key_gate} == {"none"}
-
-    @property
     def uses_sparsity(self) -> bool:
         return self.sparsity_target is not None and self.sparsity_weight > 0
 

@@ -269,12 +269,6 @@ class Tracker:
         if metrics:
             log_metrics(self.client, run_id, metrics, step=None)
 
-    def run_status(self, run_id: str) -> str | None:
-        try:
-            return self.client.get_run(run_id).info.status
-        except Exception:
-            return None
-
 
 def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int | None) -> None:
     """Batched writes of the finite numeric metrics (non-numbers and NaN/inf are left out)."""

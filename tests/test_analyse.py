@@ -112,16 +112,6 @@ def test_long_range_flags():
     assert flags == {"good": False, "bad": True}
 
 
-def test_pick_top_distinct():
-    study = optuna.create_study()
-    for v, x in [(3.0, 1), (1.0, 2), (1.0, 2), (2.0, 3), (float("nan"), 4)]:
-        study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions={
-            "x": optuna.distributions.IntDistribution(0, 9)}, value=v if math.isfinite(v) else None,
-            state=optuna.trial.TrialState.COMPLETE if math.isfinite(v) else optuna.trial.TrialState.FAIL))
-    top = analyse.pick_top(study, 3)
-    assert [t.params["x"] for t in top] == [2, 3, 1]
-
-
 def test_a_failed_long_context_run_counts_and_crashes_nothing():
     """A probe run that failed (None) must not crash the stage after all its training: it counts as accuracy
     0, for the baseline as for the others."""

@@ -97,9 +97,7 @@ def test_layer_indices_out_of_range_are_named():
 def test_defaults_and_derived_properties():
     cfg = SSAConfig()
     assert cfg.query_position == "log_expexp" and cfg.beta_init == 1.5
-    assert not cfg.is_identity and not cfg.uses_sparsity
-    assert SSAConfig(query_position="none").is_identity
-    assert not SSAConfig(query_position="none", value_gate="shared").is_identity
+    assert not cfg.uses_sparsity
     assert SSAConfig(sparsity_target=0.5, sparsity_weight=0.1).uses_sparsity
     assert not SSAConfig(sparsity_target=0.5, sparsity_weight=0.0).uses_sparsity
     assert not SSAConfig(sparsity_target=None, sparsity_weight=0.1).uses_sparsity
