@@ -497,7 +497,8 @@ def export(study: Annotated[str, typer.Argument(help="Study name.")],
     With --where/--pick (or the spec's `select:`), the winner is chosen by that rule, from the Pareto front of a
     multi-objective study. With --arm, among that arm's configurations only."""
     from . import study as st
-    from .export import export_best, make_rule
+    from .export import export_best
+    from .selection import make_rule
     from .spec import validate as validate_spec
 
     if fmt is not None and fmt not in ("yaml", "json"):

@@ -8,6 +8,7 @@ from typing import Any
 from . import study as st
 from .config import SSAConfig, save_config
 from .errors import UserError
+from .selection import pareto_front, spec_rule
 from .spec import validate
 
 # When the baseline wins, the exported SSAConfig is the identity (no position term, no gates): converting a
@@ -33,12 +34,9 @@ def winner(study, spec, rule=None, arm: str | None = None) -> dict[str, Any]:
     trial, or the baseline's default configuration when no baseline trial finished); else the search's best.
     With `arm` ("ssa" or "baseline"), the same among that arm's configurations only (the robustness stage's
     choice for the arm: the one its verdict compared)."""
-    from .robustness import ATTR_ROBUSTNESS
-    from .selection import pareto_front
-
     if arm is not None and arm not in spec.arms:
         raise UserError(f"must be one of this study's arms ({', '.join(spec.arms)}), got {arm!r}", field="--arm")
-    rob = study.user_attrs.get(ATTR_ROBUSTNESS)
+    rob = study.user_attrs.get(st.ATTR_ROBUSTNESS)
     picked = None if not rob else rob.get("winner") if arm is None else (rob.get("chosen") or {}).get(arm)
     of_arm = "" if arm is None else f"the {arm} arm's best: "
     if rule is not None and not (rob and rob.get("rule") == rule.to_dict() and picked):
@@ -72,22 +70,6 @@ def winner(study, spec, rule=None, arm: str | None = None) -> dict[str, Any]:
         raise UserError(f"{what} has no complete trial to export", field="--arm" if arm else "STUDY")
     return {"id": f"trial-{t.number}", "trial": t, "params": dict(t.params), "robust": None, "rob": rob,
             "selected_by": f"{of_arm}best search objective (one seed; no robustness stage ran)"}
-
-
-def make_rule(spec, where, pick: str | None):
-    """The rule of `--where`/`--pick` (or of a `select:` section) for this spec's study: `pick` defaults to the
-    first objective and takes an objective's own direction. Raises ValueError("where: ...") on a bad condition."""
-    from .selection import Rule, pick_direction
-
-    metric, direction = pick_direction(pick or spec.objectives[0].metric,
-                                       {o.metric: o.direction for o in spec.objectives})
-    return Rule.parse(where, metric, direction)
-
-
-def spec_rule(spec):
-    """The spec's own `select:` rule, if it has one."""
-    sel = getattr(spec, "select", None)
-    return make_rule(spec, sel.get("where"), sel["pick"]) if sel else None
 
 
 def _g(v) -> str:

@@ -30,14 +30,15 @@ from . import study as st
 from . import verdict as vd
 from .config import GPTConfig
 from .errors import UserError
-from .spec import SSA_SWITCH, JobSpec, validate
+from .selection import pareto_front, spec_rule
+from .spec import SSA_SWITCH, JobSpec, Objective, validate
 from .trial import trial_params
 
 DEFAULTS = {"top_k": 3, "seeds": 3, "confirm_seeds": None, "penalty": 1.0, "long_context": None, "noise": None,
             "constraint": False}
 ALONE = "+ssa"  # the SSA-alone configuration's id: the baseline's id and this
 CONTRAST_ROLES = (("deploy", "ssa"), ("ssa_alone", "ssa_alone"))  # contrast -> the role compared with the baseline
-ATTR_ROBUSTNESS = "ssa_tune.robustness"
+ATTR_ROBUSTNESS = st.ATTR_ROBUSTNESS  # (kept here too: where readers of the stage look for it)
 SELECT_SEED, CONFIRM_SEED = 10_000, 20_000
 COSTS = ("latency_ms_per_token", "peak_mem_mb", "n_params", "tokens_per_s")
 FINISHED = "finished"
@@ -72,10 +73,6 @@ class Plan:
     stores them on the study and returns them."""
 
     def __init__(self, study, spec: JobSpec, out: Callable[[str], None] = print):
-        from .export import spec_rule
-        from .selection import pareto_front
-        from .spec import Objective
-
         self.study, self.spec, self.out = study, spec, out
         r = self.r = {**DEFAULTS, **(spec.robustness or {})}
         # with a `select:` rule the stage ranks by its pick metric and keeps to its conditions: stability is

@@ -122,3 +122,17 @@ def pareto_front(rows: list[dict], objectives: Sequence[str], directions: Sequen
 
     valid = [r for r in rows if all(isinstance(v, (int, float)) and math.isfinite(v) for v in vec(r))]
     return [r for r in valid if not any(dominates(vec(o), vec(r), directions) for o in valid if o is not r)]
+
+
+def make_rule(spec, where, pick: str | None):
+    """The rule of `--where`/`--pick` (or of a `select:` section) for this spec's study: `pick` defaults to the
+    first objective and takes an objective's own direction. Raises ValueError("where: ...") on a bad condition."""
+    metric, direction = pick_direction(pick or spec.objectives[0].metric,
+                                       {o.metric: o.direction for o in spec.objectives})
+    return Rule.parse(where, metric, direction)
+
+
+def spec_rule(spec):
+    """The spec's own `select:` rule, if it has one."""
+    sel = getattr(spec, "select", None)
+    return make_rule(spec, sel.get("where"), sel["pick"]) if sel else None

@@ -47,10 +47,11 @@ ATTR_N_TRIALS = "ssa_tune.n_trials"
 ATTR_TRACKING = "ssa_tune.tracking_uri"
 ATTR_PARENT_RUN = "ssa_tune.parent_run_id"
 ATTR_EXPERIMENT = "ssa_tune.experiment_id"
-ATTR_DRIVER_PREFIX = "ssa_tune.driver."  # + driver id -> {"host", "pid", "beat", "stopped"}
+ATTR_DRIVER_PREFIX = "ssa_tune.driver."  # + driver id -> {"host", "pid", "started", "beat", "stopped"}
 ATTR_WAITING = "ssa_tune.waiting_for_resources"  # {"since", "pending", "asks"} while trials wait for a node
 ATTR_MLFLOW_PENDING = "ssa_tune.mlflow_pending"  # + "." + run key -> MLflow writes not yet delivered
 ATTR_MLFLOW_RUN = "ssa_tune.mlflow_run."  # + run key -> its MLflow run id, where a trial attribute cannot hold it
+ATTR_ROBUSTNESS = "ssa_tune.robustness"  # the robustness stage's record: summary, winner, verdict (robustness.py)
 # trial user attributes
 T_ARM = "ssa_tune.arm"
 T_DRIVER = "ssa_tune.driver"
