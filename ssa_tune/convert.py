@@ -6,6 +6,7 @@ is converted, so Hugging Face GPT-2 / Llama / GPT-NeoX adapters can be added wit
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
@@ -29,20 +30,34 @@ class Adapter:
 
 
 _ADAPTERS: dict[type, Adapter] = {}
+# adapters registered on first use, by the module prefix of the model's class: the module named registers
+# them when imported (so this registry never imports the layers above it, and `ssa_tune` alone needs no
+# transformers)
+_LAZY: dict[str, str] = {"transformers.": "ssa_tune.hf"}
+
+
+def is_temperature(name: str) -> bool:
+    """SSA's parameters all live under an attention layer's `temps` module."""
+    return ".temps." in f".{name}"
 
 
 def register_adapter(model_class: type, adapter: Adapter) -> None:
     _ADAPTERS[model_class] = adapter
 
 
+def register_lazy(module_prefix: str, provider: str) -> None:
+    """Models whose class lives under `module_prefix` get their adapters from module `provider`."""
+    _LAZY[module_prefix] = provider
+
+
 def adapter_for(model: nn.Module) -> Adapter:
     for cls in type(model).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
-    if type(model).__module__.startswith("transformers.") and "ssa_tune.hf" not in sys.modules:
-        from . import hf  # noqa: F401  registers the Hugging Face adapters (needs the `hf` extra)
-
-        return adapter_for(model)
+    for prefix, provider in _LAZY.items():
+        if type(model).__module__.startswith(prefix) and provider not in sys.modules:
+            importlib.import_module(provider)  # registers its adapters (the `hf` extra for transformers)
+            return adapter_for(model)
     supported = ", ".join(sorted(c.__name__ for c in _ADAPTERS))
     raise TypeError(f"convert: no SSA adapter for {type(model).__qualname__} (supported: {supported})")
 

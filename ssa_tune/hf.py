@@ -53,8 +53,7 @@ import torch.nn as nn
 
 from .attention import position_coefficient
 from .config import SSAConfig, load_config, save_config
-from .convert import Adapter, convert, register_adapter
-from .optim import is_temperature
+from .convert import Adapter, convert, is_temperature, register_adapter
 
 # The range the tests run at both ends (the attention modules get `position_ids` from 5.17 on).
 TRANSFORMERS_RANGE = ">=5.17,<5.25"

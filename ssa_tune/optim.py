@@ -7,10 +7,7 @@ from typing import Any
 
 import torch.nn as nn
 
-
-def is_temperature(name: str) -> bool:
-    """SSA's parameters all live under an attention layer's `temps` module."""
-    return ".temps." in f".{name}"
+from .convert import adapter_for, is_temperature  # noqa: F401  (is_temperature: also imported from here)
 
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float = 0.1,
@@ -51,8 +48,6 @@ def _blocks(model: nn.Module) -> list[str]:
     """The qualified name of each layer (decoder block) of `model`, in depth order: the module of the
     `nn.ModuleList` entry that holds each attention layer its conversion adapter lists ("blocks.3" in the
     built-in GPT, "model.layers.3" in Llama, "transformer.h.3" in GPT-2, "gpt_neox.layers.3" in GPT-NeoX)."""
-    from .convert import adapter_for
-
     names = {id(m): n for n, m in model.named_modules()}
     out = []
     for attn in adapter_for(model).layers(model):

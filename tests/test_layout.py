@@ -42,3 +42,57 @@ def test_hugging_face_adapters_load_when_a_transformers_model_is_converted():
             "ssa_tune.convert(m, ssa_tune.SSAConfig())\n"
             "assert m.transformer.h[0].attn.temps is not None")
     assert "ssa_tune" in _modules_after(code)
+
+
+# The package's layers, lowest first: a module imports only from layers below its own (function-level
+# imports included, which once hid two cycles: convert <-> hf <-> optim, export <-> robustness).
+LAYERS = [
+    {"errors", "redact", "checks", "selection", "sequential", "data"},
+    {"config", "verdict"},
+    {"attention", "convert"},
+    {"model", "__init__", "optim"},
+    {"stats", "hf", "spec"},
+    {"train", "study", "track", "analyse"},
+    {"trial"},
+    {"robustness"},
+    {"tune"},
+    {"jobs", "export", "driver"},
+    {"report"},
+    {"cli"},
+    {"__main__"},
+]
+
+
+def _imports(path) -> set[str]:
+    """The ssa_tune modules `path` imports anywhere in it (top level or inside functions)."""
+    import ast
+
+    inside_data = path.parent.name == "data"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 0 and (node.module or "").startswith("ssa_tune."):
+                out.add(node.module.split(".")[1])
+            elif node.level >= 1 and not (inside_data and node.level == 1):
+                if node.module:
+                    out.add(node.module.split(".")[0])
+                else:
+                    out.update("__init__" if a.name.startswith("__") else a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("ssa_tune."))
+    return out
+
+
+def test_every_import_points_down_the_layers():
+    layer = {m: i for i, mods in enumerate(LAYERS) for m in mods}
+    package = ROOT / "ssa_tune"
+    modules = {("data" if p.parent.name == "data" else p.stem): p for p in sorted(package.rglob("*.py"))}
+    unknown = {m for m in modules if m not in layer}
+    assert not unknown, f"modules not in any layer: {sorted(unknown)}"
+    upward = []
+    for p in sorted(package.rglob("*.py")):
+        me = "data" if p.parent.name == "data" else p.stem
+        for dep in _imports(p) - {me}:
+            if layer.get(dep, -1) >= layer[me]:
+                upward.append(f"{p.relative_to(ROOT)} imports {dep} (layer {layer.get(dep)} >= {layer[me]})")
+    assert not upward, "\n".join(upward)
