@@ -342,10 +342,11 @@ def _summary_table(report: dict, v: dict) -> str:
     conv = v.get("convergence") or {}
     if conv.get("ratio") is not None:
         interval = "–" if conv.get("low") is None else f"[×{_fmt(conv['low'], 3)}, ×{_fmt(conv['high'], 3)}]"
-        cens = f"; SSA never reached it on {conv['censored']} seed(s) (counted at its whole budget)" \
+        cens = f"; SSA never reached it on {conv['censored']} seed(s) (counted at its whole budget: a lower bound)" \
             if conv.get("censored") else ""
+        bound = "≥ " if conv.get("censored") else ""
         rows.append(["convergence: tokens to the baseline's final value", "", "",
-                     f"× {_fmt(conv['ratio'], 3)} {interval}",
+                     f"{bound}× {_fmt(conv['ratio'], 3)} {interval}",
                      f"{conv['what']}; {int(round(100 * conv['confidence']))} % t interval over {conv['n']} "
                      f"seeds{cens}"])
     for key, c in (v.get("costs") or {}).items():

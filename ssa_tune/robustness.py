@@ -282,12 +282,9 @@ class Plan:
         if verdict:
             self.out(f"verdict: {verdict['answer']}")
             self.out(f"SSA alone: {verdict['contrasts']['ssa_alone']['answer']}")
-            conv = verdict.get("convergence") or {}
-            if conv.get("ratio") is not None:
-                self.out(f"convergence: SSA needs ×{conv['ratio']:.3g} the baseline's training tokens to reach the "
-                         f"baseline's final {objective.metric} ({_interval(conv)} over {conv['n']} seeds"
-                         + (f"; SSA never reached it on {conv['censored']}, counted at its whole budget"
-                            if conv.get("censored") else "") + ")")
+            conv_text = vd.convergence_text(verdict.get("convergence") or {}, objective.metric)
+            if conv_text:
+                self.out(f"convergence: {conv_text}")
             self.out(f"recommendation: {verdict['recommendation']['text']}")
         return report
 
@@ -362,9 +359,3 @@ class Plan:
                 "design": {"min": self.design.min_pairs, "max": self.design.max_pairs, "step": self.design.step,
                            "alpha": self.design.alpha, "alpha_eq": self.design.alpha_eq,
                            "gamma": self.design.gamma, "gamma_eq": self.design.gamma_eq}}
-
-
-def _interval(c: dict) -> str:
-    if c.get("low") is None:
-        return "no interval"
-    return f"{int(round(100 * c['confidence']))} % interval ×{c['low']:.3g}–×{c['high']:.3g}"

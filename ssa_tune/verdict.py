@@ -245,6 +245,26 @@ def convergence(ssa: Sequence[Sequence | None], baseline: Sequence[Sequence | No
     return out
 
 
+def convergence_text(conv: dict, metric: str) -> str | None:
+    """The convergence answer in words. A seed where SSA never reached the baseline's final value counts at
+    SSA's whole budget, so with such seeds the ratio is only a lower bound ("≥"), and when no seed reached it
+    the sentence says that instead of a ratio of ×1."""
+    if conv.get("ratio") is None:
+        return None
+    n, cut = conv["n"], conv.get("censored") or 0
+    interval = ("no interval" if conv.get("low") is None else
+                f"{int(round(100 * conv['confidence']))} % interval ×{conv['low']:.3g}–×{conv['high']:.3g}")
+    if cut >= n:
+        return (f"SSA did not reach the baseline's final {metric} within its training budget on any of {n} seed(s) "
+                f"(it needs more than ×{conv['ratio']:.3g} the baseline's tokens)")
+    if cut:
+        return (f"SSA needs at least ×{conv['ratio']:.3g} the baseline's training tokens to reach the baseline's "
+                f"final {metric} ({interval} over {n} seeds; on {cut} SSA never reached it and counts at its "
+                f"whole budget, so this is a lower bound)")
+    return (f"SSA needs ×{conv['ratio']:.3g} the baseline's training tokens to reach the baseline's final {metric} "
+            f"({interval} over {n} seeds)")
+
+
 # -------------------------------------------------------------------------------------- recommendation
 
 

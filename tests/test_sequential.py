@@ -298,3 +298,18 @@ def test_tokens_to_reach_interpolates_and_convergence_ratio():
     assert c["ratio"] == pytest.approx(0.5) and c["n"] == 3 and c["censored"] == 0
     never = vd.convergence([[(100, 3.0), (200, 2.0)]] * 2, base[:2], "minimize")
     assert never["censored"] == 2 and never["ratio"] == pytest.approx(1.0)  # counted at its whole budget
+
+
+def test_the_convergence_sentence_says_when_ssa_never_got_there():
+    """SmolLM2 on PTB: SSA never reached the baseline's final loss on any of 3 seeds, and the closing line
+    said "SSA needs ×1 the baseline's training tokens (interval ×1–×1)". A censored ratio is a lower bound."""
+    base = [[(100, 2.0), (200, 1.0)]] * 3
+    never = vd.convergence([[(100, 3.0), (200, 2.0)]] * 3, base, "minimize")
+    text = vd.convergence_text(never, "val_loss")
+    assert text.startswith("SSA did not reach the baseline's final val_loss within its training budget on any of "
+                           "3 seed(s)") and "×1 the" not in text
+    some = vd.convergence([[(100, 3.0), (200, 2.0)], [(100, 1.0), (200, 0.9)], [(100, 1.0), (200, 0.9)]], base,
+                          "minimize")
+    assert vd.convergence_text(some, "val_loss").startswith("SSA needs at least ×")
+    fast = vd.convergence([[(100, 1.0), (200, 0.9)]] * 3, base, "minimize")
+    assert vd.convergence_text(fast, "val_loss").startswith("SSA needs ×0.5 the baseline's training tokens")
