@@ -307,7 +307,7 @@ def test_the_convergence_sentence_says_when_ssa_never_got_there():
     never = vd.convergence([[(100, 3.0), (200, 2.0)]] * 3, base, "minimize")
     text = vd.convergence_text(never, "val_loss")
     assert text.startswith("SSA did not reach the baseline's final val_loss within its training budget on any of "
-                           "3 seed(s)") and "×1 the" not in text
+                           "3 seed(s)") and "needs ×1" not in text
     some = vd.convergence([[(100, 3.0), (200, 2.0)], [(100, 1.0), (200, 0.9)], [(100, 1.0), (200, 0.9)]], base,
                           "minimize")
     assert vd.convergence_text(some, "val_loss").startswith("SSA needs at least ×")
