@@ -32,10 +32,10 @@ demo: $(STAMP)
 # workers than cores; the 15 slowest tests are printed at the end
 TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=5
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not slow" --durations=5
 
 bench: $(STAMP)
 	@mkdir -p out

@@ -170,15 +170,15 @@ class _Clock:
 
         def callbacks(*a, **kw):
             progress, stopper = make_callbacks(*a, **kw)
-            start, result = progress.on_trial_start, progress.on_trial_result
+            start, on_result = progress.on_trial_start, progress.on_trial_result
 
             def on_trial_start(iteration, trials, trial, **info):
                 clock.mark(trial.trial_id, "started")
                 return start(iteration, trials, trial, **info)
 
-            def on_trial_result(iteration, trials, trial, res, **info):
-                clock.results.setdefault(trial.trial_id, []).append((time.time(), dict(res)))
-                return result(iteration, trials, trial, res, **info)
+            def on_trial_result(iteration, trials, trial, result, **info):  # Tune passes keywords
+                clock.results.setdefault(trial.trial_id, []).append((time.time(), dict(result)))
+                return on_result(iteration, trials, trial, result, **info)
 
             progress.on_trial_start, progress.on_trial_result = on_trial_start, on_trial_result
             return progress, stopper

@@ -126,6 +126,11 @@ def _ship(spec: JobSpec, staging: Path, shared: list[str], file: str) -> dict[st
     return out
 
 
+# A head node that has just started answers the job API before its job agent is up ("No available agent to
+# submit job, please try again later"): submit waits this long for it
+AGENT_WAIT_S = 60.0
+
+
 def submit(spec: JobSpec, address: str, *, storage: str, tracking: str, study: str | None, trials: int | None,
            workdir: str | None, shared: list[str], wait: bool, out: Callable[[str], None] = print) -> str:
     """Submit `ssa-tune run` of the spec as a Ray job; with `wait`, follow its log to the end."""
@@ -162,9 +167,18 @@ def submit(spec: JobSpec, address: str, *, storage: str, tracking: str, study: s
                 parts += [flag, str(value)]
         entrypoint = " ".join(shlex.quote(p) for p in parts)
         name = study or spec.name
-        job_id = c.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(staging)},
-                              submission_id=f"ssa-tune-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}",
-                              metadata={"ssa_tune.study": name, "ssa_tune.spec": Path(spec.path).name})
+        submission_id = f"ssa-tune-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                job_id = c.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(staging)},
+                                      submission_id=submission_id,
+                                      metadata={"ssa_tune.study": name, "ssa_tune.spec": Path(spec.path).name})
+                break
+            except Exception as e:  # noqa: BLE001 - a head that just started has no job agent yet: wait for it
+                if "no available agent" not in str(e).lower() or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - Ray's upload or submit failed

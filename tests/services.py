@@ -44,6 +44,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_pair() -> int:
+    """A port P with P + 1 free as well (the README walkthrough's head and worker agents)."""
+    for _ in range(100):
+        p = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        return p
+    raise AssertionError("no two adjacent free ports")
+
+
 def wait_for(check, timeout: float, what: str, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -139,14 +152,16 @@ class RayCluster:
 
     def start_head(self, cpus: int = 1) -> "RayCluster":
         self._ray("get-auth-token", "--generate")
+        # every node its own agent port: the default (52365) is taken by whichever Ray on this machine came
+        # first, and a head whose agent cannot bind has no job agent ("No available agent to submit job")
         self._ray("start", "--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
-                  "--dashboard-port", str(self.dashboard_port), "--num-cpus", str(cpus), "--node-name", "head",
-                  node="head")
+                  "--dashboard-port", str(self.dashboard_port), "--dashboard-agent-listen-port", str(free_port()),
+                  "--num-cpus", str(cpus), "--node-name", "head", node="head")
         return self
 
     def add_node(self, name: str, cpus: int, resources: dict[str, float]) -> None:
         self._ray("start", "--address", self.address, "--num-cpus", str(cpus), "--node-name", name,
-                  "--resources", json.dumps(resources), node=name)
+                  "--resources", json.dumps(resources), "--dashboard-agent-listen-port", str(free_port()), node=name)
         wait_for(lambda: name in self.alive_node_names(), 60, f"node {name} to join")
 
     def alive_node_names(self) -> set[str]:
@@ -216,12 +231,18 @@ class PostgresServer:
     trust auth, superuser `root`, a free port on 127.0.0.1): a test that restarts PostgreSQL restarts this one,
     never the machine's server that other tests (and other people) are using."""
 
-    def __init__(self, root: Path):
+    def __init__(self):
+        import pwd
+        import tempfile
+
         version = sorted(p.name for p in Path("/usr/lib/postgresql").iterdir())[-1]
         self.bin = Path("/usr/lib/postgresql") / version / "bin"
-        self.root, self.data, self.port = root, root / "data", free_port()
-        root.mkdir(parents=True, exist_ok=True)
-        os.chmod(root, 0o777)
+        # a folder the server's user can reach (pytest's own temporary folders are private to root)
+        self.root = Path(tempfile.mkdtemp(prefix="ssa-tune-pg-"))
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+        self.data, self.port = self.root / "data", free_port()
 
     @property
     def url(self) -> str:
@@ -247,10 +268,15 @@ class PostgresServer:
 
     def restart(self) -> None:
         """`pg_ctl restart` (fast shutdown: every open connection is cut), then wait until it accepts again."""
-        self._as_postgres(self.bin / "pg_ctl", "-D", self.data, "-w", "-m", "fast", "restart")
+        # -l: the restarted server writes to its log, not to this call's pipes (which would never close)
+        self._as_postgres(self.bin / "pg_ctl", "-D", self.data, "-l", self.root / "server.log", "-w", "-m", "fast",
+                          "restart")
         wait_for(lambda: subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port),
                                          "-q"]).returncode == 0, 60, "PostgreSQL to accept connections")
 
     def stop(self) -> None:
+        import shutil
+
         if (self.data / "postmaster.pid").exists():
             self._as_postgres(self.bin / "pg_ctl", "-D", self.data, "-w", "-m", "immediate", "stop")
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from .conftest import ROOT, TINY, deep_update
-from .services import PG_URL, MlflowServer, RayCluster, clean_env, free_port, group_members, kill_group, wait_for
+from .services import PG_URL, MlflowServer, RayCluster, clean_env, free_port, free_port_pair, group_members, kill_group, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,8 @@ def test_readme_cluster_walkthrough(tmp_path):
     _delete_study("cluster-quickstart")
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
-    ports = {"RAY_PORT": str(free_port()), "DASHBOARD_PORT": str(free_port()), "MLFLOW_PORT": str(free_port())}
+    ports = {"RAY_PORT": str(free_port()), "DASHBOARD_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
+             "AGENT_PORT": str(free_port_pair())}
     env = clean_env(home, WORK=str(work), STORAGE=PG_URL, **ports)
     script = "set -euo pipefail\n" + _walkthrough()
     # in a session of its own: what the script starts (Ray nodes, the MLflow server) stays in its process

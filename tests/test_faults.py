@@ -4,6 +4,7 @@ again, PostgreSQL restarted, two drivers on one study, a driver on another host,
 from __future__ import annotations
 
 import json
+import signal
 import os
 import socket
 import subprocess
@@ -147,7 +148,7 @@ def test_postgresql_restarted_mid_study(tmp_path):
     """The study's PostgreSQL server restarts (fast shutdown: every connection cut) while trials run: the driver
     reconnects and finishes the budget, every trial number once. The server is this test's own, so the
     restart cuts no other test's connections."""
-    server = PostgresServer(tmp_path / "pg").start()
+    server = PostgresServer().start()
     try:
         name = "pg-restart"
         spec = _spec(tmp_path, name, train={"max_steps": 160, "eval_every": 20}, budget={"n_trials": 4},
@@ -288,7 +289,6 @@ def test_ctrl_c_stops_like_sigterm_and_resume_finishes(tmp_path, phase):
     "interrupted" and re-queued, no partial robustness result stored; `resume` then finishes the budget and
     the robustness stage, and the report has its decision. (Ray Tune's own SIGINT handler once made
     `tuner.fit()` return normally: exit 0, a verdict from a partial stage that `resume` called done.)"""
-    import signal
     import threading
 
     from ssa_tune.robustness import ATTR_ROBUSTNESS
@@ -298,9 +298,12 @@ def test_ctrl_c_stops_like_sigterm_and_resume_finishes(tmp_path, phase):
                  scheduler={"kind": "none"}, robustness={"top_k": 1, "seeds": 2, "confirm_seeds": 2})
     wd = tmp_path / "wd"
     storage = f"sqlite:///{wd / 'optuna.db'}"
+    # SIGINT as a terminal delivers it: a suite started in the background (`make test &`) has SIGINT ignored,
+    # and an ignored disposition is inherited; the driver gets the default one, as in a user's shell
     driver = subprocess.Popen([*SSA_TUNE, "run", str(spec), "--workdir", str(wd)], cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
     reader.start()
