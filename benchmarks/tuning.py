@@ -195,11 +195,13 @@ def handover(bench: Bench, n_trials: int) -> dict:
 
     clock = _Clock()
     undo = clock.install()
+    began = time.time()
     try:
         spec, study, target, wall = bench.study("handover", ["sampler.kind=random", "scheduler.kind=none",
                                                              f"budget.n_trials={n_trials}"])
     finally:
         undo()
+    ended = time.time()
     trials = []
     for tid, results in clock.results.items():
         res = [r for _, r in results if r.get("step") is not None]
@@ -237,8 +239,12 @@ def handover(bench: Bench, n_trials: int) -> dict:
     trial_s = sum(t["seconds"] for t in trials)
     conc = int(spec.resources["max_concurrent"])
     return {"trials": len(trials), "hand_overs": len(parts["slot lost"]), "median_s": med, "mean_s": mean,
+            # the study's ends: the driver's set-up before the first suggestion, the first trial's wait for a
+            # worker (process start, imports, its set-up), and what follows the last trial's training
+            "driver_setup_s": round(min(t["suggested"] for t in trials if t["suggested"]) - began, 3),
             "first_start_s": round(min(t["t_start"] for t in trials) - min(
                 t["suggested"] for t in trials if t["suggested"]), 3) if trials else None,
+            "after_last_trial_s": round(ended - max(t["train_end"] for t in trials), 3),
             "study_wall_s": wall, "ratio": wall * conc / trial_s if trial_s else None, "target_per_trial_s": 0.3}
 
 

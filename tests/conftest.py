@@ -125,7 +125,49 @@ def pytest_sessionstart(session):
         pass
 
 
+# Seconds the longest tests took on the 2-core machine with 4 workers (`make test --durations`): enough to
+# spread them over the workers; any other slow test counts 20 s, the rest 0.1 s.
+LONG = {"test_ctrl_c_stops_like_sigterm_and_resume_finishes": 90, "test_a_worker_node_lost_mid_trial": 160,
+        "test_sigkill_then_resume_finishes_the_budget": 140, "test_mlflow_server_stopped_mid_study_and_started_again": 120,
+        "test_tuning_efficiency_quick_mode": 120, "test_gpu_check_quick_mode_runs_every_part": 90,
+        "test_readme_cluster_walkthrough": 90, "test_two_drivers_on_one_postgresql_study": 85,
+        "test_failing_trials_are_recorded_and_the_study_goes_on": 80, "test_submit_ships_the_data_and_keeps_secrets_out_of_sight": 120,
+        "test_an_hf_study_end_to_end_then_export_and_convert_a_fresh_copy": 70,
+        "test_resume_leaves_another_hosts_live_trials_alone": 65, "test_text_spec_with_a_relative_path_as_a_new_user_types_it": 60,
+        "test_robustness_stage_report_and_robust_export": 60, "test_tradeoff_spec_exports_the_member_its_rule_chooses": 60,
+        "test_mlflow_down_at_the_end_is_named_then_synced": 50, "test_two_objectives_with_an_end_of_trial_metric": 40,
+        "test_waiting_for_an_autoscaler_is_shown_and_bounded": 40, "test_postgresql_restarted_mid_study": 40}
+
+
+def _estimate(item) -> float:
+    name = item.name.split("[")[0]
+    if name in LONG:
+        return LONG[name]
+    return 20.0 if item.get_closest_marker("slow") else 0.1
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """The long end-to-end tests first, so that parallel workers (pytest-xdist) do not end on one of them
-    while the others sit idle. The same order in every worker, as xdist requires."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Spread the long tests over the parallel workers (pytest-xdist's worksteal gives each worker one
+    contiguous share of this list, then lets idle workers take from the others' ends): the tests are dealt,
+    longest first, into one share per worker, each share balanced by estimated time and starting with its
+    longest, so no worker is left running a long test alone at the end. Every worker computes the same order,
+    as xdist requires."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    ranked = sorted(items, key=lambda it: (-_estimate(it), it.nodeid))
+    if workers <= 1:
+        items[:] = ranked
+        return
+    shares: list[list] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for it in ranked:  # greedy: the next longest test to the least loaded share
+        i = min(range(workers), key=lambda k: (loads[k], k))
+        shares[i].append(it)
+        loads[i] += _estimate(it)
+    # equal-sized contiguous shares are what worksteal cuts: pad the short shares' ends with quick tests
+    size = -(-len(items) // workers)
+    quick = [it for share in shares for it in share[size:]]
+    shares = [share[:size] for share in shares]
+    for share in shares:
+        while len(share) < size and quick:
+            share.append(quick.pop())
+    items[:] = [it for share in shares for it in share] + quick
