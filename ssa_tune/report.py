@@ -422,9 +422,12 @@ def _html(study: optuna.Study, spec, report: dict, imps: dict) -> str:
                  "below baseline" if lc["flagged"].get(c) else "ok"] for c, vals in lc["values"].items()]
         guard_html = _table(["config", f"mean {lc['metric']}", "guard"], rows,
                             ["flag" if lc["flagged"].get(r[0]) else "" for r in rows])
-        guard_html += ("<p>Flagged configurations are not exported (constraint on).</p>" if lc["constraint"] and flagged
-                       else "<p>No configuration falls below the baseline.</p>" if not flagged
-                       else "<p>Flagged, but the constraint is off: the winner may still be one of them.</p>")
+        if lc.get("unchecked"):
+            guard_html += f'<p class="verdict unclear">The long-range guard was {html.escape(lc["unchecked"])}.</p>'
+        else:
+            guard_html += ("<p>Flagged configurations are not exported (constraint on).</p>" if lc["constraint"] and flagged
+                           else "<p>No configuration falls below the baseline.</p>" if not flagged
+                           else "<p>Flagged, but the constraint is off: the winner may still be one of them.</p>")
     else:
         guard_html = "<p>No long-context probe ran (add <code>robustness.long_context</code>, e.g. a passkey dataset).</p>"
     imp_parts = []

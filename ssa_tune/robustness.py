@@ -229,6 +229,18 @@ class Plan:
         baseline_id = self.best_of_arm.get("baseline")
         return metric, table, (analyse.long_range_flags(table, baseline_id) if baseline_id else {})
 
+    def _guard_unchecked(self, table: dict) -> str | None:
+        """Why the long-range guard could check nothing, or None when it had its reference: the baseline's
+        long-context probe must have finished on at least one seed."""
+        baseline_id = self.best_of_arm.get("baseline")
+        if baseline_id is None:
+            return "not checked: the study has no baseline configuration to compare with"
+        base = table.get(baseline_id) or []
+        if not any(v is not None for v in base):
+            return (f"not checked: the baseline's long-context probe finished on none of its {len(base)} seed(s), "
+                    f"so nothing could be compared with it (no configuration was flagged)")
+        return None
+
     def _select(self) -> None:
         main = self.table("select", "main", self.objective.metric)
         self.summary = analyse.robust_summary(main, self.objective.direction, float(self.r["penalty"]))
@@ -267,13 +279,17 @@ class Plan:
             "baseline": self.best_of_arm.get("baseline"), "summary": self.summary,
             "rank_stability_kendall_tau": analyse.rank_stability(main),
             "long_context": {"metric": long_metric, "values": long_table, "flagged": flags,
-                             "constraint": bool(self.r["constraint"])} if long_metric else None,
+                             "constraint": bool(self.r["constraint"]),
+                             "unchecked": self._guard_unchecked(long_table)} if long_metric else None,
             "noise": {"metric": objective.metric, "values": noise} if noise else None,
             "winner": winner, "chosen": self.chosen, "best_ssa": self.chosen.get("ssa"),
             "confirmation": confirmation, "verdict": verdict,
             "rule": self.rule.to_dict() if self.rule else None,
         }
         self.study.set_user_attr(ATTR_ROBUSTNESS, json.loads(json.dumps(report, default=str)))
+        unchecked = report["long_context"]["unchecked"] if report["long_context"] else None
+        if unchecked:
+            self.out(f"long-range guard: {unchecked}")
         if winner:
             w = self.summary[winner]
             fails = f", {w['failed']} failed" if w["failed"] else ""

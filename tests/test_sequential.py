@@ -253,6 +253,28 @@ def test_the_plan_runs_to_max_and_says_what_would_decide(write_spec):
     assert v["recommendation"]["text"].startswith("undecided: about")
 
 
+def test_a_guard_without_its_baseline_probe_says_it_checked_nothing(write_spec):
+    """Every long-context probe of the baseline failed: the guard has no reference, flags nothing, and says so
+    in the closing lines and the stored record (it once passed silently, as if every configuration were fine)."""
+    from ssa_tune.robustness import Plan
+
+    study, spec = _study_and_spec(write_spec, long_context={"kind": "passkey", "seq_len": 64}, confirm_seeds=3)
+    lines = []
+    plan = Plan(study, spec, out=lines.append)
+    while True:
+        job = plan.next_job()
+        if not isinstance(job, dict):
+            break
+        dead = job["variant"] == "long_context" and job["arm"] == "baseline"
+        plan.record(job, {"ok": not dead, "reason": "diverged" if dead else None,
+                          "metrics": {} if dead else {"val_loss": 1.0, "passkey_acc": 0.5, "seconds": 2.0},
+                          "history": [] if dead else [(100.0, 1.2), (200.0, 1.0)]})
+    lc = plan.finish()["long_context"]
+    assert lc["flagged"] == {} and lc["unchecked"].startswith("not checked: the baseline's long-context probe "
+                                                              "finished on none of its 2 seed(s)")
+    assert f"long-range guard: {lc['unchecked']}" in lines
+
+
 # ------------------------------------------------------------------------------- lines and convergence
 
 
