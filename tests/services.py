@@ -133,6 +133,12 @@ class RayCluster:
         self.port, self.dashboard_port = free_port(), free_port()
         self.env = clean_env(home, RAY_AUTH_MODE="token")
         self.groups: dict[str, int] = {}  # node name -> the process group of its `ray start`
+        # a temporary folder of this cluster's own (short: it holds Unix sockets): in the shared /tmp/ray,
+        # `session_latest` is whichever Ray on the machine started last, and a job's driver on this cluster
+        # once read another cluster's session there and failed to authenticate
+        import tempfile
+
+        self.temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
 
     @property
     def address(self) -> str:
@@ -156,7 +162,7 @@ class RayCluster:
         # first, and a head whose agent cannot bind has no job agent ("No available agent to submit job")
         self._ray("start", "--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
                   "--dashboard-port", str(self.dashboard_port), "--dashboard-agent-listen-port", str(free_port()),
-                  "--num-cpus", str(cpus), "--node-name", "head", node="head")
+                  "--num-cpus", str(cpus), "--node-name", "head", "--temp-dir", self.temp_dir, node="head")
         return self
 
     def add_node(self, name: str, cpus: int, resources: dict[str, float]) -> None:
@@ -186,9 +192,12 @@ class RayCluster:
         return killed
 
     def stop(self) -> None:
+        import shutil
+
         for name in [n for n in self.groups if n != "head"] + ["head"]:
             if name in self.groups:
                 kill_group(self.groups.pop(name))
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def kill_group(pgid: int) -> int:

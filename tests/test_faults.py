@@ -311,14 +311,19 @@ def test_ctrl_c_stops_like_sigterm_and_resume_finishes(tmp_path, phase):
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
     reader.start()
+    opened = []  # through ssa-tune's storage, opened once: it serialises creating the tables with the driver
     try:
         if phase == "search":
             def running():
+                from ssa_tune.study import open_storage
+
                 assert driver.poll() is None, driver.stderr.read()[-3000:]
                 if not (wd / "optuna.db").exists():
                     return False
                 try:
-                    trials = optuna.load_study(study_name=name, storage=storage).trials
+                    if not opened:
+                        opened.append(open_storage(storage))
+                    trials = optuna.load_study(study_name=name, storage=opened[0]).trials
                 except KeyError:
                     return False
                 return any(t.state == optuna.trial.TrialState.RUNNING and t.intermediate_values for t in trials)
