@@ -361,10 +361,12 @@ class TrainConfig:
             raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         checks.choice("freeze", self.freeze, FREEZE_MODES)
 
-    @property
-    def total_steps(self) -> int | None:
-        """The steps a run trains for when it is set in steps; None when a token budget decides."""
-        return self.max_steps if self.max_tokens is None else None
+    def steps_for(self, seq_len: int) -> int:
+        """The steps a run trains for on sequences of `seq_len` tokens: max_steps, or what the token budget
+        buys at batch_size x grad_accum sequences a step."""
+        if self.max_tokens is None:
+            return self.max_steps
+        return max(1, math.ceil(self.max_tokens / (self.batch_size * self.grad_accum * seq_len)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -45,11 +45,6 @@ def register_adapter(model_class: type, adapter: Adapter) -> None:
     _ADAPTERS[model_class] = adapter
 
 
-def register_lazy(module_prefix: str, provider: str) -> None:
-    """Models whose class lives under `module_prefix` get their adapters from module `provider`."""
-    _LAZY[module_prefix] = provider
-
-
 def adapter_for(model: nn.Module) -> Adapter:
     for cls in type(model).__mro__:
         if cls in _ADAPTERS:

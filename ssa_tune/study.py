@@ -60,6 +60,7 @@ T_REASON = "ssa_tune.fail_reason"
 T_RETRY_OF = "ssa_tune.retry_of"
 T_PRUNED_AT = "ssa_tune.pruned_at_step"
 T_FINAL = "ssa_tune.final_metrics"  # {metric: its last value} of a finished trial
+T_PRECISION = "ssa_tune.precision"  # the trial's training precision (fp32, bf16 or fp16), as its worker chose
 T_NODE = "ssa_tune.node"  # {"node_id", "ip", "hostname"} of the Ray node the trial ran on
 
 HEARTBEAT_S = 10.0  # a driver records that it is alive this often
@@ -544,7 +545,7 @@ def _pid_exists(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except OSError:  # e.g. PermissionError: it exists, another user's
         return True
     return True
 

@@ -403,7 +403,8 @@ class Mirror:
                 attempts = op.get("_attempts", 0) + 1
                 if kind == TRANSIENT or (kind == SERVER_ERROR and attempts < self.max_attempts):
                     self.failures += 1
-                    op["_attempts"] = attempts if kind == SERVER_ERROR else op.get("_attempts", 0)
+                    if kind == SERVER_ERROR:
+                        op["_attempts"] = attempts
                     if self._closing.is_set():
                         return
                     time.sleep(backoff)

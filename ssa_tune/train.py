@@ -324,8 +324,7 @@ def _train(dataset, model_cfg, cfg, ssa, on_eval, freeze_layers) -> TrialResult:
         amp = lambda: torch.autocast("cuda", dtype=dtype)  # noqa: E731
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     gen = torch.Generator().manual_seed(cfg.seed)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * dataset.seq_len
-    total = cfg.max_steps if cfg.max_tokens is None else max(1, math.ceil(cfg.max_tokens / tokens_per_step))
+    total = cfg.steps_for(dataset.seq_len)
     history: list[dict[str, float]] = []
     train_time, tokens, t_start = 0.0, 0, time.perf_counter()
     setup_seconds = t_start - t_setup  # threads, device, model (or checkpoint) built and moved, optimizer

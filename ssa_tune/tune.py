@@ -27,7 +27,6 @@ _RAY_KEYS = {"done", "training_iteration", "time_this_iter_s", "time_total_s", "
              "timesteps_since_restore", "config", "ssa_tune.node_id", "ssa_tune.entered", "ssa_tune.wall",
              "precision"}
 NODE_KEY = "ssa_tune.node_id"
-T_PRECISION = "ssa_tune.precision"  # the trial's training precision (fp32, bf16 or fp16), as its worker chose
 # wall-clock times (time.time()) the worker adds to each report: when the trainable was entered, and when the
 # report was made; benchmarks/tuning.py's hand-over profile reads them, nothing else does
 ENTERED_KEY, WALL_KEY = "ssa_tune.entered", "ssa_tune.wall"
@@ -170,8 +169,10 @@ def _trainable(config: dict, ctx: dict) -> None:
     try:
         raw = ctx["variants"][config[KEY_VARIANT]] if KEY_VARIANT in config else json.loads(ctx["spec"])
         spec = validate(raw, ctx["spec_path"], check_data=False, base_dir=os.environ.get("TUNE_ORIG_WORKING_DIR"))
-        execute(spec, params, ctx["cpus"], ctx["gpus"], report=lambda m: ray.tune.report({**m, NODE_KEY: node, ENTERED_KEY: entered,
-                                                                                  WALL_KEY: time.time()}))
+        def report(m: dict) -> None:
+            ray.tune.report({**m, NODE_KEY: node, ENTERED_KEY: entered, WALL_KEY: time.time()})
+
+        execute(spec, params, ctx["cpus"], ctx["gpus"], report=report)
     except Exception as e:
         # the reason travels in the error, which the driver reads back (see `_error_reason`)
         raise RuntimeError(f"trial {number} failed: {failure_reason(e)}") from None
@@ -384,7 +385,7 @@ def _searcher_class():
                 node = {"node_id": result.get(NODE_KEY), "ip": result.get("node_ip"),
                         "hostname": result.get("hostname")}
                 self._study._storage.set_trial_user_attr(ot._trial_id, st.T_NODE, node)
-                self._study._storage.set_trial_user_attr(ot._trial_id, T_PRECISION, result.get("precision"))
+                self._study._storage.set_trial_user_attr(ot._trial_id, st.T_PRECISION, result.get("precision"))
                 self._mirror.tags(self._keys[trial_id], {"ssa_tune.node_id": node["node_id"],
                                                          "ssa_tune.node_ip": node["ip"],
                                                          "ssa_tune.precision": result.get("precision")})
@@ -725,8 +726,6 @@ def _grace_fraction(spec: JobSpec) -> float:
     a share of the default configuration's steps; a hair below it, so that a rung falls on the evaluation it
     names despite floating-point rounding."""
     train = spec.train_config({})
-    seq_len = int(spec.dataset.get("seq_len") or spec.model.get("seq_len") or 128)
-    total = train.max_steps if train.max_tokens is None else \
-        max(1, math.ceil(train.max_tokens / (train.batch_size * train.grad_accum * seq_len)))
+    total = train.steps_for(int(spec.dataset.get("seq_len") or spec.model.get("seq_len") or 128))
     grace_steps = spec.scheduler.get("grace_steps") or train.eval_every
     return min(1.0, max(grace_steps / total - 1e-9, 1e-6))

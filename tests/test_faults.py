@@ -50,22 +50,34 @@ def _start(args, tmp_path, env=None) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
 
 
+def _trial_poller(storage: str, name: str):
+    """A function that returns the study's trials, or None while the study (or its SQLite file) does not exist
+    yet. It reads through ssa-tune's storage, which serialises creating a new database's tables with the driver
+    (a raw Optuna open raced it), and opens it once (a pool per poll leaked connections)."""
+    opened = []
+
+    def trials():
+        if storage.startswith("sqlite:///") and not os.path.exists(storage[len("sqlite:///"):]):
+            return None
+        from ssa_tune.study import open_storage
+
+        try:
+            if not opened:
+                opened.append(open_storage(storage))
+            return optuna.load_study(study_name=name, storage=opened[0]).trials
+        except KeyError:
+            return None
+
+    return trials
+
+
 def _wait_done_trials(storage: str, name: str, n: int, proc: subprocess.Popen, timeout: float = 300):
-    opened = []  # one storage (one connection pool) for all the polls: a new one each poll leaked connections
+    trials = _trial_poller(storage, name)
 
     def check():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        if storage.startswith("sqlite:///") and not os.path.exists(storage[len("sqlite:///"):]):
-            return False
-        from ssa_tune.study import open_storage
-
-        try:  # through ssa-tune's storage: it serialises creating a new database's tables with the driver
-            if not opened:
-                opened.append(open_storage(storage))
-            trials = optuna.load_study(study_name=name, storage=opened[0]).trials
-        except KeyError:
-            return False
-        return sum(t.state in DONE for t in trials) >= n
+        now = trials()
+        return now is not None and sum(t.state in DONE for t in now) >= n
 
     wait_for(check, timeout, f"{n} finished trial(s) of {name}")
 
@@ -311,22 +323,13 @@ def test_ctrl_c_stops_like_sigterm_and_resume_finishes(tmp_path, phase):
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
     reader.start()
-    opened = []  # through ssa-tune's storage, opened once: it serialises creating the tables with the driver
+    trials = _trial_poller(storage, name)
     try:
         if phase == "search":
             def running():
-                from ssa_tune.study import open_storage
-
                 assert driver.poll() is None, driver.stderr.read()[-3000:]
-                if not (wd / "optuna.db").exists():
-                    return False
-                try:
-                    if not opened:
-                        opened.append(open_storage(storage))
-                    trials = optuna.load_study(study_name=name, storage=opened[0]).trials
-                except KeyError:
-                    return False
-                return any(t.state == optuna.trial.TrialState.RUNNING and t.intermediate_values for t in trials)
+                return any(t.state == optuna.trial.TrialState.RUNNING and t.intermediate_values
+                           for t in trials() or [])
         else:
             def running():
                 assert driver.poll() is None, driver.stderr.read()[-3000:]
