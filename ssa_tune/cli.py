@@ -129,7 +129,8 @@ def train(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
                 typer.echo(f"{k:>22}: {out[k]:.4f}" if isinstance(out[k], float) else f"{k:>22}: {out[k]}")
 
 
-def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
+def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool, deadline: float | None = None,
+                   closing: bool = True, search_deadline: float | None = None):
     import signal
 
     def terminate(signum, frame):  # `ssa-tune jobs stop`, `kill`: stop like Ctrl-C, closing the running trials
@@ -144,7 +145,7 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
         json_out = os.dup(1)
         os.dup2(2, 1)
     try:
-        summary, robust = _study_and_report(s, target, resume, trials, address, say)
+        summary, robust = _study_and_report(s, target, resume, trials, address, say, deadline, search_deadline)
     finally:
         signal.signal(signal.SIGTERM, previous)
         if json_out is not None:  # the process's stdout as it was (the CLI may run inside another program)
@@ -157,8 +158,10 @@ def _run_or_resume(s, target, resume: bool, trials, address, as_json: bool):
             os.close(json_out)
         else:
             typer.echo(text, nl=False)
-        return
-    _closing_lines(s, target, summary, robust)
+        return summary, robust
+    if closing:
+        _closing_lines(s, target, summary, robust)
+    return summary, robust
 
 
 def _stdout_is_fd1() -> bool:
@@ -170,7 +173,8 @@ def _stdout_is_fd1() -> bool:
         return False
 
 
-def _study_and_report(s, target, resume: bool, trials, address, say) -> tuple[dict, dict | None]:
+def _study_and_report(s, target, resume: bool, trials, address, say, deadline: float | None = None,
+                      search_deadline: float | None = None) -> tuple[dict, dict | None]:
     """Run the study, then write its report when it has a robustness stage: (summary, robustness record)."""
     import optuna
 
@@ -178,7 +182,8 @@ def _study_and_report(s, target, resume: bool, trials, address, say) -> tuple[di
     from .driver import run_study
     from .robustness import ATTR_ROBUSTNESS
 
-    summary = run_study(s, target, resume=resume, n_trials=trials, address=address, out=say)
+    summary = run_study(s, target, resume=resume, n_trials=trials, address=address, out=say, deadline=deadline,
+                        search_deadline=search_deadline)
     robust = None
     if s.robustness is not None and summary["trials"]["complete"]:
         loaded = optuna.load_study(study_name=summary["study"], storage=st.open_storage(target.storage))
@@ -345,6 +350,63 @@ def jobs_stop(job: Annotated[str, typer.Argument(help="Job id.")], address: Addr
     from . import jobs
 
     typer.echo(f"{job}: {jobs.stop(jobs.client(address), job)}")
+
+
+@app.command()
+@_edge
+def poc(model: Annotated[Path, typer.Argument(help="Hugging Face checkpoint folder (GPT-2, Llama, Mistral, Qwen2, GPT-NeoX) with its tokenizer.")],
+        data: Annotated[Optional[Path], typer.Argument(help="Text file or folder of text (default: the built-in Shakespeare corpus).")] = None,
+        time_: Annotated[str, typer.Option("--time", help="Time for all of it: probe, study, report, exports (e.g. 30m, 1h, 1h30m).")] = "30m",
+        out: Annotated[Optional[Path], typer.Option("--out", help="Folder for the spec, study, report and exports (default ./poc-MODEL).")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Probe, print the plan and the spec; start no study.")] = False,
+        layers: Annotated[Optional[int], typer.Option("--layers", help="Top layers that get SSA (default: a quarter of them, at most 4).")] = None,
+        seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Training sequence length (default: 128, or the checkpoint's positions if fewer).")] = None,
+        steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps of every run (default: planned from --time).")] = None,
+        address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster (GCS) address for the study; default: a local Ray.")] = None):
+    """Is SSA worth it for my model? Probe the checkpoint and data here, plan a two-arm study that fits --time,
+    run it, write the report and export both arms with the decision."""
+    import time
+
+    from . import poc as pc
+    from .spec import load_spec
+
+    started = time.monotonic()
+    budget = pc.parse_time(time_)
+    prep = pc.prepare(model, data, budget, out, layers, seq_len, started, typer.echo, for_run=not dry_run,
+                      steps=steps, address=address)
+    typer.echo("plan:")
+    for line in pc.describe(prep.plan, prep.measured):
+        typer.echo(f"  {line}")
+    if prep.more is not None:
+        m = prep.more
+        typer.echo(f"  with --time {pc._clock(2 * budget)}: {m.steps} steps a run, {m.trials_per_arm} trial(s) per arm, "
+                   f"up to {m.confirm_max} seed pairs")
+    text = pc.spec_text(prep, budget)
+    spec_file = prep.out_dir / f"{prep.name}.yaml"
+    if dry_run:
+        typer.echo(f"spec (not written; without --dry-run it goes to {spec_file}):")
+        typer.echo(text, nl=False)
+        return
+    prep.out_dir.mkdir(parents=True, exist_ok=True)
+    spec_file.write_text(text)
+    typer.echo(f"spec: {spec_file}  (re-run: ssa-tune run {spec_file} --workdir DIR)")
+    s = load_spec(spec_file, check_data=False)  # (the probe has read the data)
+    target = _target(s, str(prep.out_dir), None, None, None)
+    t_study = time.monotonic()
+    # the search gives way: whatever the start took, the selection and the whole confirmation keep their time
+    stage_end = started + budget - pc.REPORT_S
+    p = prep.plan
+    summary, robust = _run_or_resume(s, target, False, None, address, False, deadline=stage_end, closing=False,
+                                     search_deadline=stage_end - p.parts["selection"] - p.parts["confirmation"] - p.run_s)
+    t_exports = time.monotonic()
+    exports = pc.export_arms(summary["study"], target, prep.out_dir, typer.echo)
+    done = time.monotonic()
+    record = pc.record(prep, budget, summary, robust, exports,
+                       {"probe": t_study - started, "study": t_exports - t_study, "exports": done - t_exports,
+                        "total": done - started})
+    typer.echo("")
+    for line in pc.closing(record):
+        typer.echo(line)
 
 
 @app.command()

@@ -174,10 +174,13 @@ class _Heartbeat:
 
 def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: int | None = None,
               address: str | None = None, out: Callable[[str], None] = print,
-              robustness: str = "auto") -> dict[str, Any]:
+              robustness: str = "auto", deadline: float | None = None,
+              search_deadline: float | None = None) -> dict[str, Any]:
     """Run (or continue) the study to its budget, then its robustness stage on the same workers; returns the
     summary `ssa-tune status` prints. `robustness`: "auto" runs the stage when the spec has one and this run
-    added trials (or it never ran), "always" re-runs it, "never" skips it."""
+    added trials (or it never ran), "always" re-runs it, "never" skips it. `deadline` (time.monotonic): no
+    confirmation round starts that could not end by then, and `search_deadline`: no search trial starts after
+    it (`ssa-tune poc`'s time budget)."""
     study_name = target.study or spec.name
     # everything that can be wrong is checked before anything is written
     from .analyse import resamples
@@ -256,13 +259,14 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
                 out("robustness: no complete trial to re-run")
                 return None
             try:
-                return Plan(study, spec, out)
+                return Plan(study, spec, out, deadline)
             except UserError as e:  # e.g. no trial meets the spec's `select:` conditions: say so, keep the search
                 out(f"robustness: skipped: {e.reason}")
                 return None
 
         try:
-            plan = tune.fit(spec, study, target.storage, target.workdir, mirror, driver, budgets, out, make_plan)
+            plan = tune.fit(spec, study, target.storage, target.workdir, mirror, driver, budgets, out, make_plan,
+                            search_deadline)
         except (KeyboardInterrupt, SystemExit):
             _stop_own_trials(study, driver, mirror, "stopped: the driver was interrupted (SIGINT/SIGTERM)")
             raise

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from typing import Any, Callable
 
 from . import analyse
@@ -72,8 +73,12 @@ class Plan:
     `record(job, result)` takes a run's outcome {"ok", "metrics" | "reason"}; `finish()` computes the answers,
     stores them on the study and returns them."""
 
-    def __init__(self, study, spec: JobSpec, out: Callable[[str], None] = print):
+    def __init__(self, study, spec: JobSpec, out: Callable[[str], None] = print, deadline: float | None = None):
         self.study, self.spec, self.out = study, spec, out
+        # (time.monotonic) a confirmation round that could not end by then is not started (`ssa-tune poc`)
+        self.deadline = deadline
+        self.cut: str | None = None
+        self._run_s = 0.0  # the longest run of the stage so far, wall seconds
         r = self.r = {**DEFAULTS, **(spec.robustness or {})}
         # with a `select:` rule the stage ranks by its pick metric and keeps to its conditions: stability is
         # the third axis of the configurations the rule allows
@@ -164,15 +169,16 @@ class Plan:
                 alone = "" if self.pair["ssa_alone"] == ssa_id else f" and {self.pair['ssa_alone']} (SSA alone)"
                 self.out(f"robustness: best SSA {ssa_id} vs best baseline {base_id}{alone}, seed pairs in rounds "
                          f"at {self.design.looks()} until decided")
-                self._round()
-                return self._queue.pop(0)
+                if self._time_for_round():
+                    self._round()
+                    return self._queue.pop(0)
         elif self.stage == "confirm":
             self.looks.append(len(self.confirm_seeds))
             decided = self._contrasts()
             d = decided["deploy"]
             self.out(f"robustness: after {len(self.confirm_seeds)} seed pairs: deploy {d['decision']}, SSA alone "
                      f"{decided['ssa_alone']['decision']}")
-            if not all(c["final"] for c in decided.values()):
+            if not all(c["final"] for c in decided.values()) and self._time_for_round():
                 self._round()
                 return self._queue.pop(0)
         self.stage = "done"
@@ -190,6 +196,26 @@ class Plan:
         self.configs[cid], self.arms[cid] = params, "ssa"
         return cid
 
+    def _time_for_round(self) -> bool:
+        """Whether the next confirmation round can end before the deadline (always, without one). When it
+        cannot, the stage stops at the last look taken and says so (`cut`): stopping for time, whatever the data
+        say, only withholds a decision, so the design's error rates still hold for the answer given."""
+        if self.deadline is None:
+            return True
+        n = len(self.confirm_seeds)
+        upto = self.design.next_look(n) if n else self.design.min_pairs
+        runs = (upto - n) * len(self.confirm_ids)
+        slots = max(1, int(self.spec.resources.get("max_concurrent") or 1))
+        need = -(-runs // slots) * self._run_s
+        left = self.deadline - time.monotonic()
+        if need <= left:
+            return True
+        self.cut = (f"the time ran short: the next confirmation round ({runs} runs, ~{need:.0f} s) would end after "
+                    f"the deadline ({max(0.0, left):.0f} s left); stopped at {n} seed pairs of up to "
+                    f"{self.design.max_pairs}")
+        self.out(f"robustness: {self.cut}")
+        return False
+
     def _round(self) -> None:
         n = len(self.confirm_seeds)
         upto = self.design.next_look(n) if n else self.design.min_pairs
@@ -201,6 +227,9 @@ class Plan:
     def record(self, job: dict, result: dict) -> None:
         self.results[(job["stage"], job["config"], job["variant"], job["seed"])] = result
         self._waiting.discard(job["key"])
+        m = result.get("metrics") or {}
+        if isinstance(m.get("seconds"), (int, float)):  # the run's wall time, its set-up and hand-over included
+            self._run_s = max(self._run_s, m["seconds"] + float(m.get("setup_seconds") or 0.0) + 0.5)
         value = result["metrics"].get(self.objective.metric) if result["ok"] else None
         shown = "-" if value is None else f"{value:.4f}"
         self.out(f"  robust {job['stage']:<7} {job['config']:<10} {job['variant']:<12} seed {job['seed']}: "
@@ -284,7 +313,7 @@ class Plan:
             "noise": {"metric": objective.metric, "values": noise} if noise else None,
             "winner": winner, "chosen": self.chosen, "best_ssa": self.chosen.get("ssa"),
             "confirmation": confirmation, "verdict": verdict,
-            "rule": self.rule.to_dict() if self.rule else None,
+            "rule": self.rule.to_dict() if self.rule else None, "cut": self.cut,
         }
         self.study.set_user_attr(ATTR_ROBUSTNESS, json.loads(json.dumps(report, default=str)))
         unchecked = report["long_context"]["unchecked"] if report["long_context"] else None

@@ -226,10 +226,12 @@ def _searcher_class():
 
         def __init__(self, *, spec: JobSpec, study, storage_url: str, budgets: dict[str, int], driver: str,
                      mirror, trials: dict, on_done: Callable, max_failures: int, make_plan: Callable | None,
-                     time_limit_s: float | None):
+                     time_limit_s: float | None, search_deadline: float | None = None):
             super().__init__(metric=None, mode=None)  # the objectives are read here, not by Ray
             self._make_plan, self.plan = make_plan, None
-            self._deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
+            limits = [d for d in (None if time_limit_s is None else time.monotonic() + time_limit_s,
+                                  search_deadline) if d is not None]
+            self._deadline = min(limits) if limits else None
             self._robust: dict[str, dict] = {}  # Tune trial id -> robustness job
             self._history: dict[str, list] = {}  # Tune trial id -> (tokens, objective) of a robustness run
             self._spec, self._study, self._url = spec, study, storage_url
@@ -660,9 +662,10 @@ def portable_raw(spec: JobSpec) -> dict:
 
 
 def fit(spec: JobSpec, study, storage_url: str, workdir, mirror, driver: str, budgets: dict[str, int],
-        out: Callable[[str], None], make_plan: Callable | None = None):
-    """Run the study's trials on Ray Tune until every arm's budget is used (or budget.time_limit_s), then,
-    with `make_plan`, the robustness stage's runs on the same workers; returns that stage's plan (or None)."""
+        out: Callable[[str], None], make_plan: Callable | None = None, search_deadline: float | None = None):
+    """Run the study's trials on Ray Tune until every arm's budget is used (or budget.time_limit_s, or the
+    `search_deadline` (time.monotonic) passed), then, with `make_plan`, the robustness stage's runs on the same
+    workers; returns that stage's plan (or None)."""
     from ray import tune
 
     time_attr, max_t, grace = "progress", 1.0, _grace_fraction(spec)
@@ -671,7 +674,7 @@ def fit(spec: JobSpec, study, storage_url: str, workdir, mirror, driver: str, bu
     search = _searcher_class()(spec=spec, study=study, storage_url=storage_url, budgets=budgets, driver=driver,
                                mirror=mirror, trials=trials, on_done=progress.done,
                                max_failures=2 * sum(budgets.values()) + 2, make_plan=make_plan,
-                               time_limit_s=spec.time_limit_s)
+                               time_limit_s=spec.time_limit_s, search_deadline=search_deadline)
     cpus, gpus = float(spec.resources["cpus_per_trial"]), float(spec.resources["gpus_per_trial"])
     variants = {}
     if spec.robustness:  # the long-context / noise variants the robustness stage may train

@@ -16,6 +16,9 @@ SSA_TUNE = [sys.executable, "-m", "ssa_tune.cli"]
 # the report's importance intervals from 40 bootstrap resamples, not 200: every study a test runs (in this
 # process or an `ssa-tune` subprocess) writes a report; the default is tested in test_analyse
 os.environ.setdefault("SSA_TUNE_IMPORTANCE_RESAMPLES", "40")
+# encoded text (kept by content, ssa_tune.data.corpus.token_cache) in a folder of the suite's, not the user's
+os.environ.setdefault("SSA_TUNE_TOKEN_CACHE", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"ssa-tune-test-token-cache-{os.getuid()}"))
 
 # Small enough for 2 CPU cores: one layer, d_model 32, 40 steps, 2 trials at a time.
 TINY = {

@@ -488,6 +488,43 @@ def test_text_with_a_local_tokenizer_or_a_clear_error(tmp_path):
     check_batch(ds, x, y, 4)
 
 
+def test_encoded_text_is_kept_on_disk_and_read_back(tmp_path, monkeypatch):
+    """A tokenizer's encoding of a text is kept (by both contents) and read back by the next build, e.g. every
+    worker of a study; other text, another tokenizer or a broken cache file encode anew, with the same result."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from ssa_tune.data import corpus
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SSA_TUNE_TOKEN_CACHE", str(cache))
+    f = tmp_path / "c.txt"
+    f.write_text("\n\n".join(make_docs(10)), encoding="utf-8")
+    words = sorted({w for d in make_docs(10) for w in d.split()})
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tok.json"))
+    spec = {"kind": "text", "path": str(f), "seq_len": 16, "tokenizer": str(tmp_path / "tok.json")}
+    first = build_dataset(spec)
+    files = sorted(cache.glob("*.npy"))
+    assert len(files) == 3  # one per split
+
+    def never(self, docs):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(corpus.Encoder, "_join", never)
+    again = build_dataset(spec)  # from the cache alone
+    for split in ("train", "val", "test"):
+        assert again.streams[split].dtype == first.streams[split].dtype
+        assert np.array_equal(again.streams[split], first.streams[split])
+    monkeypatch.undo()
+    monkeypatch.setenv("SSA_TUNE_TOKEN_CACHE", str(cache))
+    files[0].write_bytes(b"not an array")  # a torn or foreign file: encoded anew, rewritten
+    assert all(np.array_equal(a, b) for a, b in zip(build_dataset(spec).streams.values(), first.streams.values()))
+    f.write_text("\n\n".join(make_docs(12)), encoding="utf-8")  # other text: other entries
+    build_dataset(spec)
+    assert len(list(cache.glob("*.npy"))) > 3
+
+
 # ---------------------------------------------------------------------------------------------------------
 # tokens (.bin)
 

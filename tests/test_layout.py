@@ -57,7 +57,7 @@ LAYERS = [
     {"robustness"},
     {"tune"},
     {"jobs", "export", "driver"},
-    {"report"},
+    {"report", "poc"},
     {"cli"},
     {"__main__"},
 ]

@@ -9,7 +9,9 @@ play), never by random windows, so no held-out text is ever trained on.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import importlib.metadata
+import os
 import re
 import struct
 from pathlib import Path
@@ -106,6 +108,7 @@ class Encoder:
 
     def __init__(self, tokenizer: str | None):
         self.name = "bytes" if tokenizer is None else str(tokenizer)
+        self._print: bytes | None = None
         if tokenizer is None:
             self.vocab_size = 256
             self._encode: Callable[[str], np.ndarray] = lambda s: np.frombuffer(s.encode("utf-8"), dtype=np.uint8)
@@ -116,9 +119,45 @@ class Encoder:
         return self._encode(text)
 
     def join(self, docs: list[str]) -> np.ndarray:
-        """The stream of a split: its documents encoded one by one and joined by DOC_SEPARATOR."""
+        """The stream of a split: its documents encoded one by one and joined by DOC_SEPARATOR. With a
+        tokenizer, kept on disk (`token_cache`) by the tokenizer's and the text's content: every worker of a
+        study, and every later study, reads it instead of encoding the same text again."""
         if not docs:
             return np.zeros(0, dtype=np.int64)
+        if self.name == "bytes":  # as fast as reading a cache
+            return self._join(docs)
+        h = hashlib.sha256(self._fingerprint())
+        for d in docs:
+            h.update(hashlib.sha256(d.encode("utf-8", "surrogatepass")).digest())
+        path = token_cache() / f"{h.hexdigest()[:40]}.npy"
+        try:
+            return np.load(path).astype(np.int64)
+        except (OSError, ValueError, EOFError):
+            pass
+        out = self._join(docs)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, out.astype(np.uint32) if out.size and out.max() < 2**32 else out)
+            os.replace(tmp, path)  # whole or not at all, whoever writes it at the same time
+        except OSError:
+            pass  # a read-only home: encode every time
+        return out
+
+    def _fingerprint(self) -> bytes:
+        """The tokenizer's identity: its files' contents."""
+        if self._print is None:
+            p = Path(self.name).expanduser()
+            files = sorted(f for f in (p.iterdir() if p.is_dir() else [p])
+                           if f.is_file() and ("token" in f.name or f.suffix in (".json", ".txt", ".model")))
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f.name.encode())
+                h.update(hashlib.sha256(f.read_bytes()).digest())
+            self._print = h.digest()
+        return self._print
+
+    def _join(self, docs: list[str]) -> np.ndarray:
         sep = self.encode(DOC_SEPARATOR)
         parts = []
         for i, d in enumerate(docs):
@@ -126,6 +165,12 @@ class Encoder:
                 parts.append(sep)
             parts.append(self.encode(d))
         return np.concatenate(parts)
+
+
+def token_cache() -> Path:
+    """Where encoded text is kept: $SSA_TUNE_TOKEN_CACHE, else ~/.cache/ssa-tune/tokens."""
+    where = os.environ.get("SSA_TUNE_TOKEN_CACHE")
+    return Path(where).expanduser() if where else Path.home() / ".cache" / "ssa-tune" / "tokens"
 
 
 def _load_tokenizer(path: str) -> tuple[Callable[[str], np.ndarray], int]:
