@@ -362,6 +362,7 @@ def poc(model: Annotated[Path, typer.Argument(help="Hugging Face checkpoint fold
         layers: Annotated[Optional[int], typer.Option("--layers", help="Top layers that get SSA (default: a quarter of them, at most 4).")] = None,
         seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Training sequence length (default: 128, or the checkpoint's positions if fewer).")] = None,
         steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps of every run (default: planned from --time).")] = None,
+        trials: Annotated[Optional[int], typer.Option("--trials", help="Search trials per arm (default: planned from --time).")] = None,
         address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster (GCS) address for the study; default: a local Ray.")] = None):
     """Is SSA worth it for my model? Probe the checkpoint and data here, plan a two-arm study that fits --time,
     run it, write the report and export both arms with the decision."""
@@ -373,7 +374,7 @@ def poc(model: Annotated[Path, typer.Argument(help="Hugging Face checkpoint fold
     started = time.monotonic()
     budget = pc.parse_time(time_)
     prep = pc.prepare(model, data, budget, out, layers, seq_len, started, typer.echo, for_run=not dry_run,
-                      steps=steps, address=address)
+                      steps=steps, address=address, trials=trials)
     typer.echo("plan:")
     for line in pc.describe(prep.plan, prep.measured):
         typer.echo(f"  {line}")

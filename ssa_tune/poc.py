@@ -123,19 +123,20 @@ def _priced(m: Measured, budget_s: float, steps: int, tpa: int, cmax: int, limit
     return Plan(steps, every, tpa, SELECT_SEEDS, cmin, cmax, run_s, parts, budget_s, dict(limited))
 
 
-def ladder(m: Measured, steps: int | None = None) -> list[tuple[int, int, int]]:
+def ladder(m: Measured, steps: int | None = None, trials: int | None = None) -> list[tuple[int, int, int]]:
     """The plans in the order they are grown, each one step larger than the one before: (steps, trials per
     arm, confirmation seed pairs at most), in turn longer training (twice: each run nearer convergence, the
     seed noise shrinks, measured ~7x from 300 to 600 steps on the quickstart), more confirmation seed pairs (a
     decision at the margin), more search trials per arm (a tuned learning rate and gates). The order does not
-    depend on the budget, so a larger budget never plans less of anything. `steps`: fixed (`--steps`)."""
+    depend on the budget, so a larger budget never plans less of anything. `steps`, `trials` (per arm): fixed
+    (`--steps`, `--trials`)."""
     if steps is not None:
         choices = [steps]
     else:
         choices = [s for s in STEPS if m.max_steps is None or s <= m.max_steps] or [STEPS[0]]
-    caps = {"steps": len(choices) - 1, "pairs": MAX_PAIRS, "trials": MAX_TRIALS_PER_ARM}
-    state = {"steps": 0, "pairs": 2, "trials": 1}
-    out = [(choices[0], 1, 2)]
+    caps = {"steps": len(choices) - 1, "pairs": MAX_PAIRS, "trials": trials or MAX_TRIALS_PER_ARM}
+    state = {"steps": 0, "pairs": 2, "trials": trials or 1}
+    out = [(choices[0], state["trials"], 2)]
     while any(state[d] < caps[d] for d in caps):
         for dim in ("steps", "pairs", "steps", "trials"):  # training length first: it settles the seeds
             if state[dim] < caps[dim]:
@@ -144,11 +145,11 @@ def ladder(m: Measured, steps: int | None = None) -> list[tuple[int, int, int]]:
     return out
 
 
-def plan(m: Measured, budget_s: float, steps: int | None = None) -> Plan:
+def plan(m: Measured, budget_s: float, steps: int | None = None, trials: int | None = None) -> Plan:
     """The largest plan of the `ladder` whose worst case fits in `budget_s` less a 5 % reserve. Raises UserError
     when not even one trial per arm fits."""
     usable = budget_s * (1 - RESERVE)
-    grown = ladder(m, steps)
+    grown = ladder(m, steps, trials)
     chosen = None
     for i, (s, t, c) in enumerate(grown):
         candidate = _priced(m, budget_s, s, t, c, {})
@@ -157,7 +158,9 @@ def plan(m: Measured, budget_s: float, steps: int | None = None) -> Plan:
         chosen = (i, candidate)
     if chosen is None:
         smallest = _priced(m, budget_s, *grown[0], {})
-        raise UserError(f"{_clock(budget_s)} is too short for even one trial per arm and the confirmation: "
+        n = grown[0][1]
+        raise UserError(f"{_clock(budget_s)} is too short for even {'one trial' if n == 1 else f'{n} trials'} per "
+                        f"arm and the confirmation: "
                         f"that needs {_clock(smallest.total_s / (1 - RESERVE))} here (one run "
                         f"{smallest.run_s:.0f} s, {m.slots} at a time)", field="--time")
     i, best = chosen
@@ -400,7 +403,7 @@ class Prepared:
 
 def prepare(model_dir: Path, data: Path | None, budget_s: float, out_dir: Path | None, layers: int | None,
             seq_len: int | None, started: float, say: Callable[[str], None], for_run: bool = True,
-            steps: int | None = None, address: str | None = None) -> Prepared:
+            steps: int | None = None, address: str | None = None, trials: int | None = None) -> Prepared:
     """Inspect, probe and plan (everything before the study starts). `started`: time.monotonic() at the
     command's start (the probe's time counts against the budget)."""
     from .spec import validate
@@ -419,6 +422,8 @@ def prepare(model_dir: Path, data: Path | None, budget_s: float, out_dir: Path |
     if seq_len is not None and not 8 <= seq_len <= limit:
         raise UserError(f"must be between 8 and the checkpoint's {limit} positions, got {seq_len}", field="--seq-len")
     seq_len = seq_len or min(128, limit)
+    if trials is not None and not 1 <= trials <= 64:
+        raise UserError(f"must be between 1 and 64 trials per arm, got {trials}", field="--trials")
     if steps is not None and steps < 3:
         raise UserError(f"must be at least 3 (evaluations every third of a run), got {steps}", field="--steps")
     mach = machine()
@@ -496,9 +501,9 @@ def prepare(model_dir: Path, data: Path | None, budget_s: float, out_dir: Path |
                  end_s=max(pr[a]["end_s"] for a in arms), setup_s=max(pr[a]["setup_s"] for a in arms),
                  data_s=pr["data_s"], slots=slots, spent_s=time.monotonic() - started,
                  max_steps=pr["max_steps"], start_s=start_s)
-    p = plan(m, budget_s, steps)
+    p = plan(m, budget_s, steps, trials)
     try:
-        more = plan(m, 2 * budget_s, steps)
+        more = plan(m, 2 * budget_s, steps, trials)
     except UserError:
         more = None
     resources = {"cpus_per_trial": mach["cpus_per_trial"], "gpus_per_trial": mach["gpus_per_trial"],

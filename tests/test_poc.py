@@ -76,6 +76,14 @@ def test_a_smollm2_plan_for_20_minutes_is_a_real_study():
     assert any("confirmation" in line for line in lines) and "of 20m00s" in lines[-1] + lines[-2]
 
 
+def test_fixed_steps_or_trials_are_kept_and_the_rest_planned():
+    p = poc.plan(SMOLLM2, 3600, steps=100, trials=2)
+    assert p.steps == 100 and p.trials_per_arm == 2 and p.confirm_max >= 3
+    assert p.limited_by["steps"] == "cap" and p.limited_by["trials"] == "cap"
+    with pytest.raises(UserError, match="too short for even 5 trials per arm"):
+        poc.plan(SMOLLM2, 1200, steps=60, trials=5)
+
+
 def test_steps_stop_at_the_datas_epochs():
     small_data = poc.Measured(**{**TINY_MODEL.__dict__, "max_steps": 45})
     p = poc.plan(small_data, 3600)
@@ -271,12 +279,13 @@ def test_poc_end_to_end_on_every_family(tmp_path, family):
     the two-arm study, the report and both exports with the decision."""
     ckpt = family_checkpoint(tmp_path / f"tiny-{family}", family)
     out = tmp_path / "poc"
-    # runs of 30 steps: the plan reaches its caps (8 trials per arm, 8 seed pairs) well within the time, so a
-    # machine busy with other tests still has room for the confirmation (the study ends when it is decided)
-    proc = run_here("poc", ckpt, "--time", "4m", "--steps", "30", "--out", out)
+    # runs of 30 steps, 3 trials per arm (ASHA): the plan reaches its caps (up to 8 seed pairs) well within the
+    # time, so a machine busy with other tests still has room for the confirmation (the study ends when decided)
+    proc = run_here("poc", ckpt, "--time", "4m", "--steps", "30", "--trials", "3", "--out", out)
     rec = json.loads((out / "poc.json").read_text())
     assert rec["model"]["architecture"] == FAMILY_CONFIGS[family](0)[0]
-    assert rec["plan"]["steps"] == 30 and rec["plan"]["total_s"] <= 240 * (1 - poc.RESERVE)
+    assert rec["plan"]["steps"] == 30 and rec["plan"]["trials_per_arm"] == 3
+    assert rec["plan"]["total_s"] <= 240 * (1 - poc.RESERVE) and rec["plan"]["scheduler"]["kind"] == "asha"
     assert rec["decision"] in ("helps", "hurts", "equivalent", "undecided"), rec
     assert f"decision: {rec['decision']}" in proc.stdout
     for arm in ("ssa", "baseline"):
