@@ -78,7 +78,8 @@ class Plan:
 
     @property
     def scheduler(self) -> dict:
-        if self.trials_per_arm >= 3:  # enough trials to stop the weak ones early: rungs at 1/3 and 2/3
+        if self.trials_per_arm >= 3:  # enough trials to stop the weak ones early: rungs at 1/3 and 2/3 (the
+            # ladder's trials come in whole rounds of both arms, so a rung always has trials to compare)
             return {"kind": "asha", "grace_steps": self.eval_every, "reduction_factor": 2}
         return {"kind": "none"}
 
@@ -88,7 +89,7 @@ class Plan:
 
     def runs(self) -> dict[str, int]:
         return {"search": 2 * self.trials_per_arm, "selection": 2 * self.select_seeds,
-                "confirmation": 3 * self.confirm_max}
+                "confirmation": confirm_configs(self.trials_per_arm) * self.confirm_max}
 
 
 def run_seconds(m: Measured, steps: int, eval_every: int) -> float:
@@ -102,19 +103,28 @@ def _rounds(runs: int, slots: int) -> int:
     return -(-runs // slots)
 
 
-def _eval_every(steps: int) -> int:
-    return max(1, steps // 3)
+def _eval_every(steps: int, tpa: int) -> int:
+    """Evaluations every third of a run where ASHA needs rungs (3 trials per arm or more), else once midway
+    (the convergence curve's middle point): an evaluation can cost as much as several steps."""
+    return max(1, steps // 3 if tpa >= 3 else steps // 2)
+
+
+def confirm_configs(tpa: int) -> int:
+    """Configurations the confirmation trains per seed pair: SSA, the baseline and SSA alone (the baseline with
+    SSA's settings), 2 when the last is SSA's own (one trial per arm: both arms run the spec's defaults, the same
+    learning rate)."""
+    return 2 if tpa == 1 else 3
 
 
 def _priced(m: Measured, budget_s: float, steps: int, tpa: int, cmax: int, limited: dict) -> Plan:
-    every = _eval_every(steps)
+    every = _eval_every(steps, tpa)
     run_s = run_seconds(m, steps, every)
     cmin = min(3, cmax)
     looks = list(range(cmin, cmax + 1))
     confirm = 0.0
     done = 0
-    for k in looks:  # a look's runs (3 configurations x its new pairs) all end before the next look starts
-        confirm += _rounds(3 * (k - done), m.slots) * run_s
+    for k in looks:  # a look's runs (the configurations x its new pairs) all end before the next look starts
+        confirm += _rounds(confirm_configs(tpa) * (k - done), m.slots) * run_s
         done = k
     parts = {"probe": m.spent_s, "start": m.start_s + m.data_s,
              "search": _rounds(2 * tpa, m.slots) * run_s,
@@ -342,8 +352,10 @@ def machine(gpus: int | None = None, cluster: dict | None = None) -> dict[str, A
 
 
 def probe(raw: dict, spec_path: str, cpus: float, gpus: float, say: Callable[[str], None]) -> dict[str, Any]:
-    """Time each arm's 6 steps, evaluations at 0, 3 and 6, and its end-of-run measurements, as a trial runs
-    them (on the dataset `trial.dataset_for` keeps)."""
+    """Time the SSA arm's run of 6 steps (the slower arm: its temperatures add work; the baseline trains the same
+    layers) as a trial runs it, on the dataset `trial.dataset_for` keeps: evaluations at 0, 3 and 6, then the
+    end-of-run test split and decode latency. The first steps and the first evaluation carry one-time costs:
+    a step is timed over steps 4-6, an evaluation as the warm ones at step 6 and on the test split."""
     from .errors import TrialFailed
     from .spec import validate
     from .trial import dataset_for, execute
@@ -351,20 +363,24 @@ def probe(raw: dict, spec_path: str, cpus: float, gpus: float, say: Callable[[st
     spec = validate(raw, spec_path, check_data=False)
     d, _, tc, _ = spec.trial_config({})
     out: dict[str, Any] = {"dataset": dataset_for(d, tc.seed)}
-    for arm in spec.arms:
-        reports: list[dict] = []
-        try:
-            res = execute(spec, spec.default_params(arm), cpus, gpus, reports.append)
-        except TrialFailed as e:
-            raise UserError(f"the probe's {arm} run failed: {e.reason}", spec_path) from None
-        first, last = reports[0], reports[-1]
-        step = (last["train_seconds"] - first["train_seconds"]) / max(1, last["step"] - first["step"])
-        evals = max(1e-3, (first["seconds"] - first["train_seconds"]) / 2)  # at the start and at step 3
-        end = max(0.0, last["seconds"] - last["train_seconds"] - 3 * evals)
-        out[arm] = {"step_s": step, "eval_s": evals, "end_s": end, "setup_s": last["setup_seconds"],
-                    "peak_mem_mb": float(res.metrics.get("peak_mem_mb") or 0.0), "val_loss": res.metrics["val_loss"]}
-        say(f"probe: {arm:<8} {step:.3f} s a step, {evals:.2f} s an evaluation, {last['setup_seconds']:.1f} s "
-            f"set-up, peak memory {out[arm]['peak_mem_mb']:.0f} MiB")
+    arm = "ssa"
+    reports: list[dict] = []
+    try:
+        res = execute(spec, spec.default_params(arm), cpus, gpus, reports.append)
+    except TrialFailed as e:
+        raise UserError(f"the probe's {arm} run failed: {e.reason}", spec_path) from None
+    first, last = reports[0], reports[-1]
+    step = (last["train_seconds"] - first["train_seconds"]) / max(1, last["step"] - first["step"])
+    # outside training: at step 3 the evaluations at 0 and 3; at 6 also the one at 6, the test split, the latency
+    latency = float(last.get("latency_ms_per_token") or 0.0) * raw["train"]["latency_tokens"] / 1000
+    warm = (last["seconds"] - last["train_seconds"]) - (first["seconds"] - first["train_seconds"])
+    evals = max(1e-3, (warm - latency) / 2)
+    first_eval = max(evals, first["seconds"] - first["train_seconds"] - evals)
+    out[arm] = {"step_s": step, "eval_s": evals, "end_s": evals + latency + (first_eval - evals),
+                "setup_s": last["setup_seconds"], "peak_mem_mb": float(res.metrics.get("peak_mem_mb") or 0.0),
+                "val_loss": res.metrics["val_loss"]}
+    say(f"probe: {arm} arm, {step:.3f} s a step, {evals:.2f} s an evaluation ({first_eval:.2f} s the first), "
+        f"{last['setup_seconds']:.1f} s set-up, peak memory {out[arm]['peak_mem_mb']:.0f} MiB")
     return out
 
 
@@ -478,7 +494,7 @@ def prepare(model_dir: Path, data: Path | None, budget_s: float, out_dir: Path |
     while True:
         raw = checked(batch, mach, slots)
         pr = probe(raw, spec_path, mach["cpus_per_trial"], mach["gpus_per_trial"], say)
-        peak = max(pr[a]["peak_mem_mb"] for a in ("ssa", "baseline"))
+        peak = pr["ssa"]["peak_mem_mb"]
         room = 0.8 * mach["memory_mb"] if mach["per_slot_memory"] else 0.7 * mach["memory_mb"]
         fit = int(room // max(peak, 1.0)) if not mach["per_slot_memory"] else (slots if peak <= room else 0)
         if fit >= 1:
@@ -495,10 +511,9 @@ def prepare(model_dir: Path, data: Path | None, budget_s: float, out_dir: Path |
     start_s = (START_S if ray_s is None else ray_s + WORKER_S) if imports_s is None else \
         (ray_s or 0.0) + imports_s + SPAWN_S
     contention = CONTENTION if slots > 1 and not mach["gpus_per_trial"] else 1.0
-    arms = ("ssa", "baseline")
-    m = Measured(step_s=contention * max(pr[a]["step_s"] for a in arms),
-                 eval_s=contention * max(pr[a]["eval_s"] for a in arms),
-                 end_s=max(pr[a]["end_s"] for a in arms), setup_s=max(pr[a]["setup_s"] for a in arms),
+    a = pr["ssa"]
+    m = Measured(step_s=contention * a["step_s"], eval_s=contention * a["eval_s"], end_s=contention * a["end_s"],
+                 setup_s=a["setup_s"],
                  data_s=pr["data_s"], slots=slots, spent_s=time.monotonic() - started,
                  max_steps=pr["max_steps"], start_s=start_s)
     p = plan(m, budget_s, steps, trials)
