@@ -131,7 +131,7 @@ def study_summary(workdir: Path, name: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     from ssa_tune import study as st
-    from ssa_tune.robustness import ATTR_ROBUSTNESS
+    from ssa_tune.study import ATTR_ROBUSTNESS
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=name, storage=f"sqlite:///{workdir / 'optuna.db'}")

@@ -208,6 +208,13 @@ def paired_difference(a: Sequence[float | None], b: Sequence[float | None], conf
     return out
 
 
+def guard_reference(long: dict[str, list[float | None]], baseline_id: str) -> list[float | None] | None:
+    """The baseline's long-context probe values the guard compares with, or None when none of its probe runs
+    finished (then the guard has no reference and checks nothing)."""
+    base = long.get(baseline_id) or []
+    return base if any(v is not None for v in base) else None
+
+
 def long_range_flags(long: dict[str, list[float | None]], baseline_id: str, tolerance: float = 0.0) -> dict[str, bool]:
     """True for a config whose mean long-context accuracy falls below the baseline's (minus tolerance).
 
@@ -216,8 +223,8 @@ def long_range_flags(long: dict[str, list[float | None]], baseline_id: str, tole
     def mean(values):
         return statistics.fmean(v if v is not None and math.isfinite(v) else 0.0 for v in values)
 
-    base = long.get(baseline_id) or []
-    if not any(v is not None for v in base):
+    base = guard_reference(long, baseline_id)
+    if base is None:
         return {}
     ref = mean(base) - tolerance
     return {cid: mean(v) < ref for cid, v in long.items() if cid != baseline_id and v}

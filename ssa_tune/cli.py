@@ -180,7 +180,7 @@ def _study_and_report(s, target, resume: bool, trials, address, say, deadline: f
 
     from . import study as st
     from .driver import run_study
-    from .robustness import ATTR_ROBUSTNESS
+    from .study import ATTR_ROBUSTNESS
 
     summary = run_study(s, target, resume=resume, n_trials=trials, address=address, out=say, deadline=deadline,
                         search_deadline=search_deadline)

@@ -248,11 +248,11 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
         trials_before = len(study.trials)
 
         def make_plan(new_trials: bool):
-            from .robustness import ATTR_ROBUSTNESS, Plan
+            from .robustness import Plan
 
             if robustness == "never" or spec.robustness is None and robustness != "always":
                 return None
-            if robustness == "auto" and not new_trials and study.user_attrs.get(ATTR_ROBUSTNESS) is not None:
+            if robustness == "auto" and not new_trials and study.user_attrs.get(st.ATTR_ROBUSTNESS) is not None:
                 out("robustness: already done for these trials (ssa-tune robustness STUDY re-runs it)")
                 return None
             if st.best_trial(study) is None:
@@ -357,9 +357,8 @@ def status(study, target: Target) -> dict[str, Any]:
 
 def _verdict_summary(study) -> dict[str, Any] | None:
     """The robustness stage's answer, as far as it got: decision, its line, the recommendation."""
-    from .robustness import ATTR_ROBUSTNESS
 
-    v = (study.user_attrs.get(ATTR_ROBUSTNESS) or {}).get("verdict")
+    v = (study.user_attrs.get(st.ATTR_ROBUSTNESS) or {}).get("verdict")
     if not v:
         return None
     alone = (v.get("contrasts") or {}).get("ssa_alone") or {}

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from . import analyse
 from . import study as st
 from .driver import Target
-from .robustness import ATTR_ROBUSTNESS
+from .study import ATTR_ROBUSTNESS
 from .spec import SSA_SWITCH, validate
 
 

@@ -39,7 +39,6 @@ DEFAULTS = {"top_k": 3, "seeds": 3, "confirm_seeds": None, "penalty": 1.0, "long
             "constraint": False}
 ALONE = "+ssa"  # the SSA-alone configuration's id: the baseline's id and this
 CONTRAST_ROLES = (("deploy", "ssa"), ("ssa_alone", "ssa_alone"))  # contrast -> the role compared with the baseline
-ATTR_ROBUSTNESS = st.ATTR_ROBUSTNESS  # (kept here too: where readers of the stage look for it)
 SELECT_SEED, CONFIRM_SEED = 10_000, 20_000
 COSTS = ("latency_ms_per_token", "peak_mem_mb", "n_params", "tokens_per_s")
 FINISHED = "finished"
@@ -264,9 +263,9 @@ class Plan:
         baseline_id = self.best_of_arm.get("baseline")
         if baseline_id is None:
             return "not checked: the study has no baseline configuration to compare with"
-        base = table.get(baseline_id) or []
-        if not any(v is not None for v in base):
-            return (f"not checked: the baseline's long-context probe finished on none of its {len(base)} seed(s), "
+        if analyse.guard_reference(table, baseline_id) is None:
+            return (f"not checked: the baseline's long-context probe finished on none of its "
+                    f"{len(table.get(baseline_id) or [])} seed(s), "
                     f"so nothing could be compared with it (no configuration was flagged)")
         return None
 
@@ -315,7 +314,7 @@ class Plan:
             "confirmation": confirmation, "verdict": verdict,
             "rule": self.rule.to_dict() if self.rule else None, "cut": self.cut,
         }
-        self.study.set_user_attr(ATTR_ROBUSTNESS, json.loads(json.dumps(report, default=str)))
+        self.study.set_user_attr(st.ATTR_ROBUSTNESS, json.loads(json.dumps(report, default=str)))
         unchecked = report["long_context"]["unchecked"] if report["long_context"] else None
         if unchecked:
             self.out(f"long-range guard: {unchecked}")

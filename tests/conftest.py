@@ -139,7 +139,8 @@ LONG = {"test_ctrl_c_stops_like_sigterm_and_resume_finishes": 90, "test_a_worker
         "test_resume_leaves_another_hosts_live_trials_alone": 65, "test_text_spec_with_a_relative_path_as_a_new_user_types_it": 60,
         "test_robustness_stage_report_and_robust_export": 60, "test_tradeoff_spec_exports_the_member_its_rule_chooses": 60,
         "test_mlflow_down_at_the_end_is_named_then_synced": 50, "test_two_objectives_with_an_end_of_trial_metric": 40,
-        "test_waiting_for_an_autoscaler_is_shown_and_bounded": 40, "test_postgresql_restarted_mid_study": 40}
+        "test_waiting_for_an_autoscaler_is_shown_and_bounded": 40, "test_postgresql_restarted_mid_study": 40,
+        "test_poc_end_to_end_on_every_family": 100, "test_a_confirmation_round_that_cannot_end_in_time_is_not_started": 50}
 
 
 def _estimate(item) -> float:

@@ -307,10 +307,10 @@ def test_ctrl_c_stops_like_sigterm_and_resume_finishes(tmp_path, phase):
     `tuner.fit()` return normally: exit 0, a verdict from a partial stage that `resume` called done.)"""
     import threading
 
-    from ssa_tune.robustness import ATTR_ROBUSTNESS
+    from ssa_tune.study import ATTR_ROBUSTNESS
 
     name = f"ctrl-c-{phase}"
-    spec = _spec(tmp_path, name, train={"max_steps": 200, "eval_every": 20}, budget={"n_trials": 2},
+    spec = _spec(tmp_path, name, train={"max_steps": 120, "eval_every": 20}, budget={"n_trials": 2},
                  scheduler={"kind": "none"}, robustness={"top_k": 1, "seeds": 2, "confirm_seeds": 2})
     wd = tmp_path / "wd"
     storage = f"sqlite:///{wd / 'optuna.db'}"

@@ -412,7 +412,7 @@ def test_export_takes_a_baseline_winner_that_is_not_a_trial(tmp_path):
     """When no baseline trial finished, the robustness stage re-trains the baseline's default configuration;
     if that wins, the export is the identity SSAConfig chosen by the robust score, not the SSA search-best."""
     from ssa_tune import study as st
-    from ssa_tune.robustness import ATTR_ROBUSTNESS
+    from ssa_tune.study import ATTR_ROBUSTNESS
 
     wd = tmp_path / "wd"
     storage = st.open_storage(f"sqlite:///{wd / 'optuna.db'}")
@@ -442,7 +442,7 @@ def test_a_report_with_a_configuration_no_seed_finished_renders(tmp_path):
     from ssa_tune import study as st
     from ssa_tune.driver import resolve_target
     from ssa_tune.report import build
-    from ssa_tune.robustness import ATTR_ROBUSTNESS
+    from ssa_tune.study import ATTR_ROBUSTNESS
 
     wd = tmp_path / "wd"
     storage = st.open_storage(f"sqlite:///{wd / 'optuna.db'}")
