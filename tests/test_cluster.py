@@ -4,9 +4,11 @@ worker node has), an MLflow tracking server, the PostgreSQL server. The README's
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import time
 import uuid
 
 import optuna
@@ -59,13 +61,18 @@ def test_readme_cluster_walkthrough(tmp_path):
                 wait_for(lambda: not group_members(walk.pid), 30, "the walkthrough's processes to end after step 6")
         finally:
             kill_group(walk.pid)
-        # Ray gives a node 30 s (fixed) to register: on a machine this suite loads 7x over, a node can miss it
-        # and exit ("timed out during startup"); the walkthrough's waits then fail at once, and it runs again
-        logs = "".join(p.read_text(errors="replace") for p in work.glob("ray-*.log"))
-        if walk.returncode == 0 or attempt == 2 or "timed out during startup" not in logs:
+        # Ray gives a starting node fixed time-outs (30 s to register with the GCS, its client server's wait
+        # for the node's info): on a machine this suite loads 5-7x over, a node can miss them and exit. The
+        # walkthrough's waits then stop at once ("... stopped: ...ray-*.log"), and it runs again once, when the
+        # machine is quieter (what a user would do; the node's log says why it stopped)
+        if walk.returncode == 0 or attempt == 2 or not re.search(r"stopped: \S*ray-", err):
             break
+        kill_group(walk.pid)
         shutil.rmtree(work)
         _delete_study("cluster-quickstart")
+        calm = time.monotonic() + 180
+        while os.getloadavg()[0] >= 2 * (os.cpu_count() or 1) and time.monotonic() < calm:
+            time.sleep(2)
     assert walk.returncode == 0, f"stdout:\n{out[-4000:]}\nstderr:\n{err[-4000:]}"
 
     # the study, read back from PostgreSQL: 4 trials, 2 per arm, each on the worker node
