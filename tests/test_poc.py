@@ -227,14 +227,16 @@ BAD = [  # (id, the arguments from (tmp, checkpoint), the one line's start)
     ("no-tokenizer", lambda tmp, ck: [_without_tokenizer(ck, tmp / "bare")], "error: {tmp}/bare: no tokenizer there"),
     ("no-such-data", lambda tmp, ck: [ck, tmp / "nowhere.txt"], "error: {tmp}/nowhere.txt: no such file or directory"),
     ("too-little-data", lambda tmp, ck: [ck, _little_text(tmp)], "error: {tmp}/little.txt: "),
-    ("time-too-short", lambda tmp, ck: [ck, "--time", "20s"], "error: --time: 20s is too short for even one trial"),
+    pytest.param("time-too-short", lambda tmp, ck: [ck, "--time", "20s"],  # (after a probe: slow)
+                 "error: --time: 20s is too short for even one trial", marks=pytest.mark.slow),
     ("bad-time", lambda tmp, ck: [ck, "--time", "soon"], "error: --time: expected a duration like 30m"),
     ("too-many-layers", lambda tmp, ck: [ck, "--layers", "3"], "error: --layers: must be between 1 and the "
                                                                "checkpoint's 2 layers, got 3"),
 ]
 
 
-@pytest.mark.parametrize("case, args, expected", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("case, args, expected", BAD,
+                         ids=[b.values[0] if hasattr(b, "values") else b[0] for b in BAD])
 def test_bad_input_is_one_line_exit_2_before_anything_starts(tmp_path, llama, case, args, expected):
     out = tmp_path / "out"
     proc = run_here("poc", *args(tmp_path, llama), "--out", out, check=False)
@@ -306,8 +308,9 @@ def test_poc_end_to_end_on_every_family(tmp_path, family, trials):  # and Qwen2 
         assert f"cut: {cut}" in proc.stdout
 
 
+@pytest.mark.slow  # a probe each: kept out of `make test-fast`
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
-def test_the_probe_trains_both_arms_of_the_llama_like_families(tmp_path, family):
+def test_the_probe_trains_the_llama_like_families(tmp_path, family):
     """Mistral and Qwen2 go through Llama's adapter: the dry run loads, converts and trains the SSA arm of each
     (6 steps) and plans from what it measured."""
     ckpt = family_checkpoint(tmp_path / f"tiny-{family}", family)
