@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ ROLE, STUDY, TRIAL_NUMBER, STATE, REASON, PRUNED_AT, ARM, NODE_ID, NODE_IP = (
     "ssa_tune.role", "ssa_tune.study", "ssa_tune.trial_number", "ssa_tune.state", "ssa_tune.fail_reason",
     "ssa_tune.pruned_at_step", "ssa_tune.arm", "ssa_tune.node_id", "ssa_tune.node_ip")
 PARENT = "mlflow.parentRunId"
+CREATE_ID = "ssa_tune.create_id"  # one create of a child run, however often it is tried
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 # MLflow's REST client retries a request for minutes by default; the mirror's queue does the waiting instead,
@@ -229,15 +231,26 @@ class Tracker:
         return run.info.run_id
 
     def create_child(self, parent_id: str, study: str, name: str, params: dict[str, Any],
-                     tags: dict[str, Any]) -> str:
+                     tags: dict[str, Any], create_id: str | None = None, look_first: bool = False) -> str:
+        """A child run of the study's run. `create_id` tags it, so that a create tried again after a failure
+        (`look_first`) finds the run an earlier try made (the server committed it, its answer was lost: the
+        server stopped, the connection dropped) instead of making a second run that stays RUNNING forever."""
         from mlflow.entities import Param
 
-        all_tags = {PARENT: parent_id, STUDY: study, STATE: "RUNNING", **{k: str(v) for k, v in tags.items()}}
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run_id = None
+        if create_id and look_first:
+            found = self.client.search_runs([self.experiment_id], f"tags.`{CREATE_ID}` = '{create_id}'",
+                                            max_results=1)
+            run_id = found[0].info.run_id if found else None
+        if run_id is None:
+            all_tags = {PARENT: parent_id, STUDY: study, STATE: "RUNNING", **{k: str(v) for k, v in tags.items()}}
+            if create_id:
+                all_tags[CREATE_ID] = create_id
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
         items = [Param(k, _str(v)) for k, v in sorted(params.items())]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run.info.run_id, params=items[i:i + 100])
-        return run.info.run_id
+        for i in range(0, len(items), 100):  # (logging a param again with its value is allowed)
+            self.client.log_batch(run_id, params=items[i:i + 100])
+        return run_id
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -324,7 +337,8 @@ class Mirror:
     # ------------------------------------------------------------------ what the driver calls
 
     def create(self, key: str, name: str, params: dict[str, Any], tags: dict[str, Any]) -> None:
-        self._put({"op": "create", "key": key, "name": name, "params": params, "tags": tags})
+        self._put({"op": "create", "key": key, "name": name, "params": params, "tags": tags,
+                   "create_id": uuid.uuid4().hex})
 
     def metrics(self, key: str, metrics: dict[str, Any], step: int | None) -> None:
         clean = {k: float(v) for k, v in metrics.items()
@@ -345,8 +359,8 @@ class Mirror:
         self._put({"op": "end", "key": key, "status": status})
 
     def replay(self, ops: list[dict]) -> None:
-        for op in ops:
-            self._put(dict(op))
+        for op in ops:  # an earlier driver may have reached the server with these: a create looks first
+            self._put({**op, "_tried": True})
 
     def close(self, timeout: float = 60.0) -> dict[str, list[dict]]:
         """Wait up to `timeout` for the queue to drain; returns {key: undelivered ops} (also handed to
@@ -369,7 +383,7 @@ class Mirror:
             if op is not None:
                 rest.append(op)
         for op in rest:
-            left.setdefault(op["key"], []).append({k: v for k, v in op.items() if k != "_attempts"})
+            left.setdefault(op["key"], []).append({k: v for k, v in op.items() if k not in ("_attempts", "_tried")})
         if self.on_undelivered:
             for key, ops in left.items():
                 self.on_undelivered(key, ops)
@@ -399,6 +413,7 @@ class Mirror:
             try:
                 self._apply(op)
             except Exception as e:  # noqa: BLE001 - sorted: retry (transient, bounded 500s) or set aside
+                op["_tried"] = True  # it may have reached the server: a create tried again looks first
                 kind = classify(e)
                 attempts = op.get("_attempts", 0) + 1
                 if kind == TRANSIENT or (kind == SERVER_ERROR and attempts < self.max_attempts):
@@ -414,7 +429,7 @@ class Mirror:
                                                       kind, e)
                 self.dropped.append(f"{op['op']} {op['key']}: {e}")
                 with self._lock:
-                    self.set_aside.append({k: v for k, v in op.items() if k != "_attempts"})
+                    self.set_aside.append({k: v for k, v in op.items() if k not in ("_attempts", "_tried")})
             backoff = 0.5
             with self._lock:
                 if self._pending and self._pending[0] is op:
@@ -427,7 +442,8 @@ class Mirror:
         if kind == "create":
             if key in self.runs:  # a replayed create of a run that exists
                 return
-            run_id = t.create_child(self.parent_id, self.study, op["name"], op["params"], op["tags"])
+            run_id = t.create_child(self.parent_id, self.study, op["name"], op["params"], op["tags"],
+                                    op.get("create_id"), look_first=bool(op.get("_tried")))
             self.runs[key] = run_id
             if self.on_created:
                 self.on_created(key, run_id)

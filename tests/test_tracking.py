@@ -71,3 +71,34 @@ def test_a_server_error_is_retried_a_bounded_number_of_times(tmp_path):
     mirror.create("trial-1", "trial-1", {}, {})
     left = mirror.close(timeout=60)
     assert calls == ["create"] * 3 and list(left) == ["flaky"] and "trial-1" in mirror.runs
+
+
+def test_a_create_whose_answer_was_lost_is_not_made_twice(tmp_path):
+    """The server committed a child run and stopped before answering (a tracking server restarted mid-study):
+    the mirror tries the create again, finds the run the first try made (by its create id) and goes on with it,
+    instead of making a second run for the trial that stays RUNNING forever (seen in the MLflow-outage test)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "mirror", tmp_path / "artifacts")
+    parent = tracker.parent_run("mirror", None, {})
+    mirror = Mirror(tracker, parent, "mirror", max_backoff_s=0.05)
+    real_create = tracker.client.create_run
+    lost = []
+
+    def create_run(*args, **kwargs):  # the store's own write, then the answer lost once
+        run = real_create(*args, **kwargs)
+        if not lost:
+            lost.append(run.info.run_id)
+            raise requests.ConnectionError("Connection aborted: RemoteDisconnected")
+        return run
+
+    tracker.client.create_run = create_run
+    mirror.create("trial-0", "trial-0", {"train.lr": 0.01}, {"ssa_tune.role": "trial"})
+    mirror.metrics("trial-0", {"val_loss": 1.5}, 10)
+    mirror.finish("trial-0", "COMPLETE")
+    assert mirror.close(timeout=60) == {}
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("mirror")
+    children = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "trial-0"]
+    assert [r.info.run_id for r in children] == lost == [mirror.runs["trial-0"]]  # one run, the first try's
+    assert children[0].info.status == "FINISHED" and children[0].data.params == {"train.lr": "0.01"}
+    assert children[0].data.metrics == {"val_loss": 1.5}
