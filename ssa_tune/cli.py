@@ -394,11 +394,9 @@ def poc(model: Annotated[Path, typer.Argument(help="Hugging Face checkpoint fold
     s = load_spec(spec_file, check_data=False)  # (the probe has read the data)
     target = _target(s, str(prep.out_dir), None, None, None)
     t_study = time.monotonic()
-    # the search gives way: whatever the start took, the selection and the whole confirmation keep their time
-    stage_end = started + budget - pc.REPORT_S
-    p = prep.plan
-    summary, robust = _run_or_resume(s, target, False, None, address, False, deadline=stage_end, closing=False,
-                                     search_deadline=stage_end - p.parts["selection"] - p.parts["confirmation"] - p.run_s)
+    study_end, search_end = pc.deadlines(prep.plan, started)
+    summary, robust = _run_or_resume(s, target, False, None, address, False, deadline=study_end, closing=False,
+                                     search_deadline=search_end)
     t_exports = time.monotonic()
     exports = pc.export_arms(summary["study"], target, prep.out_dir, typer.echo)
     done = time.monotonic()

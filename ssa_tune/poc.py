@@ -3,9 +3,9 @@
 1. Inspect: the checkpoint (family through the adapter registry, layers, heads, parameters, its tokenizer) and
    the data (tokens in the checkpoint's own tokenizer, the train / validation / test split). Anything wrong is
    one line before anything starts.
-2. Probe: a few training steps of each arm and its evaluations, timed on this machine, one trial's threads,
+2. Probe: a few training steps of the SSA arm and its evaluations, timed on this machine, one trial's threads,
    exactly as a trial runs them (`trial.execute`); the batch is halved until as many trials as run at once fit
-   in the memory there (RAM, or GPU memory when there is a GPU).
+   in the memory there (RAM, or GPU memory when there is a GPU). Ray's start and a worker's imports are timed.
 3. Plan (`plan`, a pure function of the probe's measurements and the budget): steps per trial, trials per
    arm, early-stopping rungs, the robustness stage's seeds and the sequential confirmation's seed pairs, so
    that the worst case (no trial pruned, the confirmation to its last look) fits in what is left of `--time`.
@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
+from .robustness import HANDOVER_S
 
 # ---------------------------------------------------------------------------------------------- the plan
 
@@ -43,7 +44,6 @@ START_S = 12.0  # per study: Ray, the driver, the first worker (measured: 2.6 + 
 WORKER_S = 7.0  # of which the first worker and after the last run (measured 4.3 + 2.3 s), when not timed
 SPAWN_S = 3.0  # a worker's start beside its imports (timed), and after the last run
 REPORT_S = 15.0  # the report (importances, plots) and both exports
-HANDOVER_S = 0.5  # per run: Ray Tune's hand-over between trials (0.09-0.13 s measured) and the driver's records
 RESERVE = 0.05  # of the budget, left unplanned: a machine's noise
 CONTENTION = 1.15  # a CPU step when trials share the machine's memory bandwidth, against one alone (probed)
 
@@ -116,7 +116,7 @@ def confirm_configs(tpa: int) -> int:
     return 2 if tpa == 1 else 3
 
 
-def _priced(m: Measured, budget_s: float, steps: int, tpa: int, cmax: int, limited: dict) -> Plan:
+def _priced(m: Measured, budget_s: float, steps: int, tpa: int, cmax: int) -> Plan:
     every = _eval_every(steps, tpa)
     run_s = run_seconds(m, steps, every)
     cmin = min(3, cmax)
@@ -130,7 +130,7 @@ def _priced(m: Measured, budget_s: float, steps: int, tpa: int, cmax: int, limit
              "search": _rounds(2 * tpa, m.slots) * run_s,
              "selection": _rounds(2 * SELECT_SEEDS, m.slots) * run_s,
              "confirmation": confirm, "report": REPORT_S}
-    return Plan(steps, every, tpa, SELECT_SEEDS, cmin, cmax, run_s, parts, budget_s, dict(limited))
+    return Plan(steps, every, tpa, SELECT_SEEDS, cmin, cmax, run_s, parts, budget_s, {})
 
 
 def ladder(m: Measured, steps: int | None = None, trials: int | None = None) -> list[tuple[int, int, int]]:
@@ -162,12 +162,12 @@ def plan(m: Measured, budget_s: float, steps: int | None = None, trials: int | N
     grown = ladder(m, steps, trials)
     chosen = None
     for i, (s, t, c) in enumerate(grown):
-        candidate = _priced(m, budget_s, s, t, c, {})
+        candidate = _priced(m, budget_s, s, t, c)
         if candidate.total_s > usable:
             break
         chosen = (i, candidate)
     if chosen is None:
-        smallest = _priced(m, budget_s, *grown[0], {})
+        smallest = _priced(m, budget_s, *grown[0])
         n = grown[0][1]
         raise UserError(f"{_clock(budget_s)} is too short for even {'one trial' if n == 1 else f'{n} trials'} per "
                         f"arm and the confirmation: "
@@ -179,6 +179,14 @@ def plan(m: Measured, budget_s: float, steps: int | None = None, trials: int | N
     limited = {"steps": "cap" if s == top[0] else "time", "trials": "cap" if t == top[1] else "time",
                "pairs": "cap" if c == top[2] else "time"}
     return dataclasses.replace(best, limited_by=limited)
+
+
+def deadlines(p: Plan, started: float) -> tuple[float, float]:
+    """(the study's deadline, the search's), time.monotonic, for a command started at `started`: the study ends
+    in time for the report and the exports; the search starts no trial once the time left is what the selection
+    and the whole confirmation need (a slow start costs search trials, not the answer)."""
+    end = started + p.budget_s - REPORT_S
+    return end, end - p.parts["selection"] - p.parts["confirmation"] - p.run_s
 
 
 def _clock(seconds: float) -> str:
@@ -320,7 +328,7 @@ def build_spec(name: str, info: dict, dataset: dict, layers: int, batch: int, re
     return raw
 
 
-def machine(gpus: int | None = None, cluster: dict | None = None) -> dict[str, Any]:
+def machine(cluster: dict | None = None) -> dict[str, Any]:
     """Slots and memory where the PoC runs: one trial per GPU, else a core or more per trial. `cluster`: a Ray
     cluster's resources (ray.cluster_resources()), where the study runs instead of this machine."""
     import psutil
@@ -332,13 +340,12 @@ def machine(gpus: int | None = None, cluster: dict | None = None) -> dict[str, A
         return {"slots": max(1, gpus or cpus // per), "cpus_per_trial": per, "gpus_per_trial": 1 if gpus else 0,
                 "memory_mb": mem, "per_slot_memory": bool(gpus), "device": f"the Ray cluster ({cpus} CPU, {gpus} GPU)"}
     cpus = os.cpu_count() or 1
-    if gpus is None:
-        try:
-            import torch
+    try:
+        import torch
 
-            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        except ImportError:
-            gpus = 0
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        gpus = 0
     if gpus:
         import torch
 
@@ -351,36 +358,31 @@ def machine(gpus: int | None = None, cluster: dict | None = None) -> dict[str, A
             "device": f"{cpus} CPU core(s)"}
 
 
-def probe(raw: dict, spec_path: str, cpus: float, gpus: float, say: Callable[[str], None]) -> dict[str, Any]:
+def probe(spec, cpus: float, gpus: float, say: Callable[[str], None]) -> dict[str, Any]:
     """Time the SSA arm's run of 6 steps (the slower arm: its temperatures add work; the baseline trains the same
     layers) as a trial runs it, on the dataset `trial.dataset_for` keeps: evaluations at 0, 3 and 6, then the
     end-of-run test split and decode latency. The first steps and the first evaluation carry one-time costs:
     a step is timed over steps 4-6, an evaluation as the warm ones at step 6 and on the test split."""
     from .errors import TrialFailed
-    from .spec import validate
-    from .trial import dataset_for, execute
+    from .trial import execute
 
-    spec = validate(raw, spec_path, check_data=False)
-    d, _, tc, _ = spec.trial_config({})
-    out: dict[str, Any] = {"dataset": dataset_for(d, tc.seed)}
     arm = "ssa"
     reports: list[dict] = []
     try:
         res = execute(spec, spec.default_params(arm), cpus, gpus, reports.append)
     except TrialFailed as e:
-        raise UserError(f"the probe's {arm} run failed: {e.reason}", spec_path) from None
+        raise UserError(f"the probe's {arm} run failed: {e.reason}", spec.path) from None
     first, last = reports[0], reports[-1]
     step = (last["train_seconds"] - first["train_seconds"]) / max(1, last["step"] - first["step"])
     # outside training: at step 3 the evaluations at 0 and 3; at 6 also the one at 6, the test split, the latency
-    latency = float(last.get("latency_ms_per_token") or 0.0) * raw["train"]["latency_tokens"] / 1000
+    latency = float(last.get("latency_ms_per_token") or 0.0) * spec.train_config({}).latency_tokens / 1000
     warm = (last["seconds"] - last["train_seconds"]) - (first["seconds"] - first["train_seconds"])
     evals = max(1e-3, (warm - latency) / 2)
     first_eval = max(evals, first["seconds"] - first["train_seconds"] - evals)
-    out[arm] = {"step_s": step, "eval_s": evals, "end_s": evals + latency + (first_eval - evals),
-                "setup_s": last["setup_seconds"], "peak_mem_mb": float(res.metrics.get("peak_mem_mb") or 0.0),
-                "val_loss": res.metrics["val_loss"]}
+    out = {"step_s": step, "eval_s": evals, "end_s": first_eval + latency, "setup_s": last["setup_seconds"],
+           "peak_mem_mb": float(res.metrics.get("peak_mem_mb") or 0.0)}
     say(f"probe: {arm} arm, {step:.3f} s a step, {evals:.2f} s an evaluation ({first_eval:.2f} s the first), "
-        f"{last['setup_seconds']:.1f} s set-up, peak memory {out[arm]['peak_mem_mb']:.0f} MiB")
+        f"{last['setup_seconds']:.1f} s set-up, peak memory {out['peak_mem_mb']:.0f} MiB")
     return out
 
 
@@ -447,12 +449,12 @@ def prepare(model_dir: Path, data: Path | None, budget_s: float, out_dir: Path |
     spec_path = str(out_dir / f"{name}.yaml")
     where = str(data) if data is not None else "builtin corpus"
 
-    def checked(batch: int, mach: dict, slots: int) -> dict:
+    def checked(batch: int, mach: dict, slots: int):
+        """The probe's spec, validated (its data read and checked); a fault named by the argument given."""
         resources = {"cpus_per_trial": mach["cpus_per_trial"], "gpus_per_trial": mach["gpus_per_trial"],
                      "max_concurrent": slots}
-        raw = build_spec(name, info, dataset, layers, batch, resources)
         try:
-            validate(json_copy(raw), spec_path)
+            return validate(build_spec(name, info, dataset, layers, batch, resources), spec_path)
         except UserError as e:  # the data's or the checkpoint's fault, named by the argument given
             about_data = (e.field or "").startswith("dataset") and data is not None
             reason = e.reason
@@ -461,14 +463,12 @@ def prepare(model_dir: Path, data: Path | None, budget_s: float, out_dir: Path |
             if about_data and " tokens" in reason:
                 reason = f"too little text for a PoC: {reason}"
             raise UserError(reason, str(data) if about_data else str(model_dir)) from None
-        return raw
 
     # the data, read and encoded once here (and kept: the workers read the encoding), is checked before Ray starts
-    raw = checked(4, mach, mach["slots"])
     from .data import build_dataset
     from .trial import dataset_for
 
-    d, _, tc, _ = validate(json_copy(raw), spec_path, check_data=False).trial_config({})
+    d, _, tc, _ = checked(4, mach, mach["slots"]).trial_config({})
     dataset_obj = dataset_for(d, tc.seed)
     check_data(dataset_obj, 4, where)
     t = time.perf_counter()
@@ -492,9 +492,8 @@ def prepare(model_dir: Path, data: Path | None, budget_s: float, out_dir: Path |
         f"{mach['device']}, {mach['slots']} trial(s) at a time")
     batch, slots = 4, mach["slots"]
     while True:
-        raw = checked(batch, mach, slots)
-        pr = probe(raw, spec_path, mach["cpus_per_trial"], mach["gpus_per_trial"], say)
-        peak = pr["ssa"]["peak_mem_mb"]
+        pr = probe(checked(batch, mach, slots), mach["cpus_per_trial"], mach["gpus_per_trial"], say)
+        peak = pr["peak_mem_mb"]
         room = 0.8 * mach["memory_mb"] if mach["per_slot_memory"] else 0.7 * mach["memory_mb"]
         fit = int(room // max(peak, 1.0)) if not mach["per_slot_memory"] else (slots if peak <= room else 0)
         if fit >= 1:
@@ -505,17 +504,16 @@ def prepare(model_dir: Path, data: Path | None, budget_s: float, out_dir: Path |
                             f"{mach['memory_mb']:.0f} MiB here; try --seq-len smaller", str(model_dir))
         batch //= 2
         say(f"probe: ~{peak:.0f} MiB a trial does not fit in {room:.0f} MiB: batch {batch}")
-    pr["max_steps"] = check_data(dataset_obj, batch, where)
-    pr["data_s"] = data_s
+    # the study's fixed costs: Ray's start and a worker's imports as timed here, else the measured defaults
     imports_s = _imports_seconds(imports)
-    start_s = (START_S if ray_s is None else ray_s + WORKER_S) if imports_s is None else \
-        (ray_s or 0.0) + imports_s + SPAWN_S
+    if imports_s is not None:
+        start_s = (ray_s or 0.0) + imports_s + SPAWN_S
+    else:
+        start_s = START_S if ray_s is None else ray_s + WORKER_S
     contention = CONTENTION if slots > 1 and not mach["gpus_per_trial"] else 1.0
-    a = pr["ssa"]
-    m = Measured(step_s=contention * a["step_s"], eval_s=contention * a["eval_s"], end_s=contention * a["end_s"],
-                 setup_s=a["setup_s"],
-                 data_s=pr["data_s"], slots=slots, spent_s=time.monotonic() - started,
-                 max_steps=pr["max_steps"], start_s=start_s)
+    m = Measured(step_s=contention * pr["step_s"], eval_s=contention * pr["eval_s"], end_s=contention * pr["end_s"],
+                 setup_s=pr["setup_s"], data_s=data_s, slots=slots, spent_s=time.monotonic() - started,
+                 max_steps=check_data(dataset_obj, batch, where), start_s=start_s)
     p = plan(m, budget_s, steps, trials)
     try:
         more = plan(m, 2 * budget_s, steps, trials)
@@ -525,7 +523,7 @@ def prepare(model_dir: Path, data: Path | None, budget_s: float, out_dir: Path |
                  "max_concurrent": slots}
     raw = build_spec(name, info, dataset, layers, batch, resources, p)
     return Prepared(name, out_dir, info, raw, p, m, more, {**mach, "slots": slots}, batch, layers,
-                    pr["dataset"].split_tokens() if hasattr(pr["dataset"], "split_tokens") else {})
+                    dataset_obj.split_tokens() if hasattr(dataset_obj, "split_tokens") else {})
 
 
 _IMPORTS = ("import time; t = time.perf_counter(); import torch, transformers, ssa_tune.train, ssa_tune.hf, "
@@ -556,12 +554,6 @@ def _imports_seconds(proc) -> float | None:
     except (subprocess.TimeoutExpired, ValueError, IndexError):
         proc.kill()
         return None
-
-
-def json_copy(raw: dict) -> dict:
-    import json
-
-    return json.loads(json.dumps(raw))
 
 
 def spec_text(prep: Prepared, budget_s: float) -> str:
@@ -615,7 +607,7 @@ def record(prep: Prepared, budget_s: float, summary: dict, robust: dict | None, 
     rec = {"model": prep.info, "data_tokens": prep.data_tokens, "batch_size": prep.batch, "layers": prep.layers,
            "machine": {k: v for k, v in prep.machine.items() if k != "memory_mb"},
            "measured": dataclasses.asdict(prep.measured),
-           "plan": {**{k: v for k, v in dataclasses.asdict(prep.plan).items()}, "scheduler": prep.plan.scheduler,
+           "plan": {**dataclasses.asdict(prep.plan), "scheduler": prep.plan.scheduler,
                     "total_s": prep.plan.total_s},
            "time": {"asked_s": budget_s, **{f"{k}_s": round(v, 1) for k, v in times.items()}},
            "trials": summary.get("trials"), "decision": summary.get("decision") or verdict.get("decision"),

@@ -40,6 +40,7 @@ DEFAULTS = {"top_k": 3, "seeds": 3, "confirm_seeds": None, "penalty": 1.0, "long
 ALONE = "+ssa"  # the SSA-alone configuration's id: the baseline's id and this
 CONTRAST_ROLES = (("deploy", "ssa"), ("ssa_alone", "ssa_alone"))  # contrast -> the role compared with the baseline
 SELECT_SEED, CONFIRM_SEED = 10_000, 20_000
+HANDOVER_S = 0.5  # a run's hand-over to the next on its worker and the driver's records, at most (0.1 s measured)
 COSTS = ("latency_ms_per_token", "peak_mem_mb", "n_params", "tokens_per_s")
 FINISHED = "finished"
 
@@ -201,24 +202,30 @@ class Plan:
         say, only withholds a decision, so the design's error rates still hold for the answer given."""
         if self.deadline is None:
             return True
-        n = len(self.confirm_seeds)
-        upto = self.design.next_look(n) if n else self.design.min_pairs
-        runs = (upto - n) * len(self.confirm_ids)
-        slots = max(1, int(self.spec.resources.get("max_concurrent") or 1))
-        need = -(-runs // slots) * self._run_s
+        seeds = self._next_seeds()
+        runs = len(seeds) * len(self.confirm_ids)
+        need = -(-runs // self._slots()) * self._run_s
         left = self.deadline - time.monotonic()
         if need <= left:
             return True
         self.cut = (f"the time ran short: the next confirmation round ({runs} runs, ~{need:.0f} s) would end after "
-                    f"the deadline ({max(0.0, left):.0f} s left); stopped at {n} seed pairs of up to "
-                    f"{self.design.max_pairs}")
+                    f"the deadline ({max(0.0, left):.0f} s left); stopped at {len(self.confirm_seeds)} seed pairs "
+                    f"of up to {self.design.max_pairs}")
         self.out(f"robustness: {self.cut}")
         return False
 
-    def _round(self) -> None:
+    def _next_seeds(self) -> list[int]:
+        """The seeds of the next confirmation round: up to the design's next look."""
         n = len(self.confirm_seeds)
         upto = self.design.next_look(n) if n else self.design.min_pairs
-        seeds = [CONFIRM_SEED + i for i in range(n, upto)]
+        return [CONFIRM_SEED + i for i in range(n, upto)]
+
+    def _slots(self) -> int:
+        """Runs of the stage at a time."""
+        return max(1, int(self.spec.resources.get("max_concurrent") or 1))
+
+    def _round(self) -> None:
+        seeds = self._next_seeds()
         self.confirm_seeds += seeds
         self._queue = [self._job("confirm", cid, "main", s) for s in seeds for cid in self.confirm_ids]
         self._waiting = {j["key"] for j in self._queue}
@@ -228,7 +235,7 @@ class Plan:
         self._waiting.discard(job["key"])
         m = result.get("metrics") or {}
         if isinstance(m.get("seconds"), (int, float)):  # the run's wall time, its set-up and hand-over included
-            self._run_s = max(self._run_s, m["seconds"] + float(m.get("setup_seconds") or 0.0) + 0.5)
+            self._run_s = max(self._run_s, m["seconds"] + float(m.get("setup_seconds") or 0.0) + HANDOVER_S)
         value = result["metrics"].get(self.objective.metric) if result["ok"] else None
         shown = "-" if value is None else f"{value:.4f}"
         self.out(f"  robust {job['stage']:<7} {job['config']:<10} {job['variant']:<12} seed {job['seed']}: "
@@ -346,9 +353,8 @@ class Plan:
         secs = [x for x in secs if isinstance(x, (int, float))]
         if not secs:
             return None
-        slots = max(1, int(self.spec.resources.get("max_concurrent") or 1))
         runs = len(self.confirm_ids)
-        return statistics.fmean(secs) * runs / min(slots, runs)
+        return statistics.fmean(secs) * runs / min(self._slots(), runs)
 
     def _contrasts(self) -> dict[str, dict]:
         metric, direction = self.objective.metric, self.objective.direction

@@ -297,6 +297,11 @@ def log_metrics(client, run_id: str, metrics: dict[str, Any], step: int | None) 
 # -------------------------------------------------------------------------------------------- the mirror
 
 
+def _public(op: dict) -> dict:
+    """An operation as it is kept for `sync` (the mirror's own bookkeeping keys left out)."""
+    return {k: v for k, v in op.items() if k not in ("_attempts", "_tried")}
+
+
 class Mirror:
     """Every MLflow write of a driver, in order, on one thread, retried while the tracking server is away.
 
@@ -383,7 +388,7 @@ class Mirror:
             if op is not None:
                 rest.append(op)
         for op in rest:
-            left.setdefault(op["key"], []).append({k: v for k, v in op.items() if k not in ("_attempts", "_tried")})
+            left.setdefault(op["key"], []).append(_public(op))
         if self.on_undelivered:
             for key, ops in left.items():
                 self.on_undelivered(key, ops)
@@ -429,7 +434,7 @@ class Mirror:
                                                       kind, e)
                 self.dropped.append(f"{op['op']} {op['key']}: {e}")
                 with self._lock:
-                    self.set_aside.append({k: v for k, v in op.items() if k not in ("_attempts", "_tried")})
+                    self.set_aside.append(_public(op))
             backoff = 0.5
             with self._lock:
                 if self._pending and self._pending[0] is op:

@@ -34,7 +34,7 @@ def test_the_plan_fits_its_budget_with_the_reserve(m, minutes):
         p = poc.plan(m, budget)
     except UserError as e:  # only where not even the smallest study fits
         assert e.field == "--time"
-        smallest = poc._priced(m, budget, poc.STEPS[0], 1, 2, {})
+        smallest = poc._priced(m, budget, poc.STEPS[0], 1, 2)
         assert smallest.total_s > budget * (1 - poc.RESERVE)
         return
     assert p.total_s <= budget * (1 - poc.RESERVE)
@@ -84,6 +84,13 @@ def test_fixed_steps_or_trials_are_kept_and_the_rest_planned():
     assert p.limited_by["steps"] == "cap" and p.limited_by["trials"] == "cap"
     with pytest.raises(UserError, match="too short for even 5 trials per arm"):
         poc.plan(SMOLLM2, 1200, steps=60, trials=5)
+
+
+def test_the_search_gives_way_to_the_selection_and_the_whole_confirmation():
+    p = poc.plan(SMOLLM2, 20 * 60)
+    study_end, search_end = poc.deadlines(p, started=100.0)
+    assert study_end == 100.0 + 20 * 60 - poc.REPORT_S
+    assert search_end == pytest.approx(study_end - p.parts["selection"] - p.parts["confirmation"] - p.run_s)
 
 
 def test_steps_stop_at_the_datas_epochs():
