@@ -105,10 +105,10 @@ class Bench:
         self.root = Path(tempfile.mkdtemp(prefix="ssa-tune-bench-"))
 
     def start_ray(self) -> float:
-        from ssa_tune import tune
+        from ssa_tune.tune.cluster import init_ray
 
         t0 = time.perf_counter()
-        tune.init_ray(None)
+        init_ray(None)
         return time.perf_counter() - t0
 
     def study(self, name: str, overrides: list[str]):
@@ -148,50 +148,39 @@ class _Clock:
 
     def install(self):
         """Wrap ssa_tune.tune's searcher and progress callback (driver side only; workers are untouched)."""
-        from ssa_tune import tune as t
+        from ssa_tune.tune import progress, searcher
 
-        clock, make_searcher, make_callbacks = self, t._searcher_class, t._callbacks
+        clock, base_searcher, base_progress = self, searcher.StudySearch, progress.Progress
 
-        def searcher_class():
-            base = make_searcher()
+        class Timed(base_searcher):
+            def suggest(self, trial_id):
+                out = super().suggest(trial_id)
+                if isinstance(out, dict):
+                    clock.mark(trial_id, "suggested")
+                return out
 
-            class Timed(base):
-                def suggest(self, trial_id):
-                    out = super().suggest(trial_id)
-                    if isinstance(out, dict):
-                        clock.mark(trial_id, "suggested")
-                    return out
+            def on_trial_complete(self, trial_id, result=None, error=False):
+                clock.mark(trial_id, "complete")
+                return super().on_trial_complete(trial_id, result, error)
 
-                def on_trial_complete(self, trial_id, result=None, error=False):
-                    clock.mark(trial_id, "complete")
-                    return super().on_trial_complete(trial_id, result, error)
-
-            return Timed
-
-        def callbacks(*a, **kw):
-            progress, stopper = make_callbacks(*a, **kw)
-            start, on_result = progress.on_trial_start, progress.on_trial_result
-
-            def on_trial_start(iteration, trials, trial, **info):
+        class TimedProgress(base_progress):
+            def on_trial_start(self, iteration, trials, trial, **info):
                 clock.mark(trial.trial_id, "started")
-                return start(iteration, trials, trial, **info)
+                return super().on_trial_start(iteration, trials, trial, **info)
 
-            def on_trial_result(iteration, trials, trial, result, **info):  # Tune passes keywords
+            def on_trial_result(self, iteration, trials, trial, result, **info):  # Tune passes keywords
                 clock.results.setdefault(trial.trial_id, []).append((time.time(), dict(result)))
-                return on_result(iteration, trials, trial, result, **info)
+                return super().on_trial_result(iteration, trials, trial, result, **info)
 
-            progress.on_trial_start, progress.on_trial_result = on_trial_start, on_trial_result
-            return progress, stopper
-
-        t._searcher_class, t._callbacks = searcher_class, callbacks
-        return lambda: (setattr(t, "_searcher_class", make_searcher), setattr(t, "_callbacks", make_callbacks))
+        searcher.StudySearch, progress.Progress = Timed, TimedProgress
+        return lambda: (setattr(searcher, "StudySearch", base_searcher), setattr(progress, "Progress", base_progress))
 
 
 def handover(bench: Bench, n_trials: int) -> dict:
     """Where a worker slot's time goes between one trial's training and the next's, from timestamps on both
     sides: the worker adds when it entered the trainable and when it made each report (ssa_tune.entered /
     ssa_tune.wall), its setup outside `seconds` (setup_seconds); the driver marks the rest (_Clock)."""
-    from ssa_tune.tune import ENTERED_KEY, WALL_KEY
+    from ssa_tune.tune.trainable import ENTERED_KEY, WALL_KEY
 
     clock = _Clock()
     undo = clock.install()

@@ -199,7 +199,7 @@ def _study_and_report(s, target, resume: bool, trials, address, say, deadline: f
 
 def _closing_lines(s, target, summary: dict, robust: dict | None) -> None:
     from . import study as st
-    from .tune import in_ray_job
+    from .tune.cluster import in_ray_job
 
     c = summary["trials"]
     typer.echo(f"\nstudy {summary['study']}: {c['complete']} complete, {c['pruned']} pruned, {c['failed']} failed")
@@ -604,7 +604,7 @@ def _write_report(loaded, target, out_dir: Path | None, say=typer.echo) -> dict:
     import tempfile
 
     from .report import build, log_to_mlflow
-    from .tune import in_ray_job
+    from .tune.cluster import in_ray_job
 
     temporary = out_dir is None and in_ray_job()
     if out_dir is None:

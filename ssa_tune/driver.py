@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import study as st
-from . import tune
+from .compat import storage_of, study_id_of
 from .errors import UserError
 from .spec import JobSpec
 from .track import Mirror, Tracker, check_tracking, default_tracking, experiment_url
+from .tune import cluster
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Target:
 def resolve_target(spec_storage: str | None, spec_tracking: str | None, workdir: str | None, storage: str | None,
                    tracking: str | None, study: str | None) -> Target:
     workdir = workdir or os.environ.get("SSA_TUNE_HOME")
-    if workdir is None and tune.in_ray_job():  # not inside the job's working dir, which Ray owns
+    if workdir is None and cluster.in_ray_job():  # not inside the job's working dir, which Ray owns
         import tempfile
 
         workdir = tempfile.mkdtemp(prefix="ssa-tune-job-")
@@ -78,11 +79,11 @@ def open_mirror(study, target: Target, tracker: Tracker | None = None) -> Mirror
     import optuna
 
     tracker = tracker or Tracker(target.tracking, study.study_name, target.workdir / "mlartifacts")
-    storage = study._storage
+    storage = storage_of(study)
 
     def created(key: str, run_id: str) -> None:
         if key.startswith("trial-") and key[6:].isdigit():
-            tid = storage.get_trial_id_from_study_id_trial_number(study._study_id, int(key[6:]))
+            tid = storage.get_trial_id_from_study_id_trial_number(study_id_of(study), int(key[6:]))
             try:
                 storage.set_trial_user_attr(tid, st.T_RUN, run_id)
                 return
@@ -184,17 +185,18 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
     study_name = target.study or spec.name
     # everything that can be wrong is checked before anything is written
     from .analyse import resamples
+    from .tune.run import fit
 
     resamples()  # the report's setting, read at the end: a bad value is one line now, not after the study
     st.check_storage(target.storage)
     check_tracking(target.tracking)
-    if tune.in_ray_job():  # work from a folder of our own: Ray may unpack the job's folder anew meanwhile
+    if cluster.in_ray_job():  # work from a folder of our own: Ray may unpack the job's folder anew meanwhile
         target.workdir.mkdir(parents=True, exist_ok=True)
         os.chdir(target.workdir)
     prep = threading.Thread(target=_prepare_tracking, args=(target.tracking,), daemon=True)
     prep.start()  # MLflow's imports (and, once per machine, its empty schema) while Ray starts
-    tune.init_ray(address)
-    tune.check_resources(spec)
+    cluster.init_ray(address)
+    cluster.check_resources(spec)
     prep.join()
     target.workdir.mkdir(parents=True, exist_ok=True)
     storage = st.open_storage(target.storage)
@@ -265,7 +267,7 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
                 return None
 
         try:
-            plan = tune.fit(spec, study, target.storage, target.workdir, mirror, driver, budgets, out, make_plan,
+            plan = fit(spec, study, target.storage, target.workdir, mirror, driver, budgets, out, make_plan,
                             search_deadline)
         except (KeyboardInterrupt, SystemExit):
             _stop_own_trials(study, driver, mirror, "stopped: the driver was interrupted (SIGINT/SIGTERM)")

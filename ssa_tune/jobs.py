@@ -23,9 +23,10 @@ from typing import Any, Callable
 
 import yaml
 
+from .compat import dashboard_get
 from .errors import UserError
 from .spec import JobSpec
-from .tune import auth_from_token_file
+from .tune.cluster import auth_from_token_file
 
 # Ray uploads a job's working dir through GCS, whose messages are capped (ray_constants.GRPC_CPP_MAX_MESSAGE_SIZE,
 # 512 MiB, overridable with RAY_max_grpc_message_size); Ray warns from half of that. We refuse above the cap.
@@ -62,7 +63,7 @@ def _first(e: BaseException) -> str:
 
 
 def _get(c, endpoint: str) -> Any:
-    r = c._do_request("GET", endpoint)
+    r = dashboard_get(c, endpoint)
     if r.status_code != 200:
         raise UserError(f"the cluster's dashboard answered {r.status_code} to {endpoint}", field="--address")
     return r.json()
@@ -136,7 +137,7 @@ def submit(spec: JobSpec, address: str, *, storage: str, tracking: str, study: s
     """Submit `ssa-tune run` of the spec as a Ray job; with `wait`, follow its log to the end."""
     from . import study as st
     from .track import check_tracking
-    from .tune import unfit_reason
+    from .tune.cluster import unfit_reason
 
     c = client(address)
     try:

@@ -479,10 +479,10 @@ def prepare(model_dir: Path, data: Path | None, budget_s: float, out_dir: Path |
     if for_run:  # Ray starts now, timed (the study needs it): its cost is measured, not guessed
         import ray
 
-        from . import tune
+        from .tune.cluster import init_ray
 
         t = time.perf_counter()
-        tune.init_ray(address)
+        init_ray(address)
         ray_s = time.perf_counter() - t
         if address:
             cluster = ray.cluster_resources()

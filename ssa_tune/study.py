@@ -32,6 +32,7 @@ from typing import Any, Iterator
 import optuna
 from optuna.trial import TrialState
 
+from .compat import forget_cached_trials, storage_of, study_id_of, trial_id_of
 from .errors import UserError
 from .redact import redact  # noqa: F401  (st.redact, used across the service)
 from .spec import ARMS, SSA_SWITCH, JobSpec
@@ -116,10 +117,11 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
     trial, which only happens under the study lock."""
 
 
-for _name, _fn in list(vars(optuna.storages.RDBStorage).items()):
-    if callable(_fn) and not _name.startswith("_") and _name not in ("upgrade", "get_current_version",
-                                                                     "get_head_version", "get_all_versions"):
-        setattr(RetryingRDBStorage, _name, _retrying(_fn))
+# the storage interface Optuna's Study and trials call (optuna.storages.BaseStorage, public), each method as
+# RDBStorage implements it; RDBStorage's own extras (schema upgrades, heartbeats) are left as they are
+for _name in [n for n, f in vars(optuna.storages.BaseStorage).items() if callable(f) and not n.startswith("_")]:
+    _fn = getattr(optuna.storages.RDBStorage, _name)
+    setattr(RetryingRDBStorage, _name, _retrying(_fn))
 
 
 def open_storage(url: str, create: bool = True) -> RetryingRDBStorage:
@@ -357,14 +359,14 @@ def ask_arm(study: optuna.Study, spec: JobSpec, arm: str, driver: str) -> optuna
     is one, else a new one. Call under `study_lock`."""
     from optuna.trial import create_trial
 
-    storage = study._storage
+    storage = storage_of(study)
     trial_id = None
-    for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.WAITING,)):
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         if arm_of(t) != arm:
             continue
         try:
-            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
-                trial_id = t._trial_id
+            if storage.set_trial_state_values(trial_id_of(t), state=TrialState.RUNNING):
+                trial_id = trial_id_of(t)
                 break
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
@@ -372,10 +374,10 @@ def ask_arm(study: optuna.Study, spec: JobSpec, arm: str, driver: str) -> optuna
         fixed = {SSA_SWITCH: arm == "ssa"} if len(spec.arms) > 1 else {}
         template = create_trial(state=TrialState.RUNNING, params={}, distributions={},
                                 system_attrs={"fixed_params": fixed}, user_attrs={T_ARM: arm})
-        trial_id = storage.create_new_trial(study._study_id, template_trial=template)
+        trial_id = storage.create_new_trial(study_id_of(study), template_trial=template)
     storage.set_trial_user_attr(trial_id, T_ARM, arm)
     storage.set_trial_user_attr(trial_id, T_DRIVER, driver)
-    study._thread_local.cached_all_trials = None
+    forget_cached_trials(study)
     return optuna.trial.Trial(study, trial_id)
 
 
@@ -500,7 +502,7 @@ def new_driver_id() -> str:
 
 def beat(study: optuna.Study, driver: str, stopped: bool = False) -> None:
     """Record that `driver` is alive (or, with `stopped`, that it ended cleanly)."""
-    study._storage.set_study_user_attr(study._study_id, ATTR_DRIVER_PREFIX + driver, {
+    study.set_user_attr(ATTR_DRIVER_PREFIX + driver, {
         "host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid()),
         "beat": time.time(), "stopped": stopped})
 
@@ -552,7 +554,7 @@ def _pid_exists(pid: int) -> bool:
 
 def live_drivers(study: optuna.Study) -> dict[str, dict]:
     now = time.time()
-    attrs = study._storage.get_study_user_attrs(study._study_id)
+    attrs = study.user_attrs
     return {k[len(ATTR_DRIVER_PREFIX):]: v for k, v in attrs.items()
             if k.startswith(ATTR_DRIVER_PREFIX) and _alive(v, now)}
 
@@ -563,7 +565,7 @@ def orphans(study: optuna.Study, me: str | None = None) -> list:
     live = live_drivers(study)
     others = set(live) - {me}
     out = []
-    for t in study._storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get(T_DRIVER)
         if owner is None and not others or owner is not None and owner not in live:
             out.append(t)
@@ -572,15 +574,15 @@ def orphans(study: optuna.Study, me: str | None = None) -> list:
 
 def fail_trials(study: optuna.Study, trials: list, reason: str) -> list:
     """Mark trials FAIL with the reason (those another driver finished meanwhile are skipped)."""
-    storage, failed = study._storage, []
+    storage, failed = storage_of(study), []
     for t in trials:
         try:
-            storage.set_trial_user_attr(t._trial_id, T_REASON, reason)
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            storage.set_trial_user_attr(trial_id_of(t), T_REASON, reason)
+            storage.set_trial_state_values(trial_id_of(t), TrialState.FAIL)
             failed.append(t)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-    study._thread_local.cached_all_trials = None
+    forget_cached_trials(study)
     return failed
 
 

@@ -47,15 +47,17 @@ def test_hugging_face_adapters_load_when_a_transformers_model_is_converted():
 # The package's layers, lowest first: a module imports only from layers below its own (function-level
 # imports included, which once hid two cycles: convert <-> hf <-> optim, export <-> robustness).
 LAYERS = [
-    {"errors", "redact", "checks", "selection", "sequential", "data"},
+    {"errors", "redact", "checks", "selection", "sequential", "data", "compat"},
     {"config", "verdict"},
     {"attention", "convert"},
     {"model", "__init__", "optim"},
     {"stats", "hf", "spec"},
     {"train", "study", "track", "analyse"},
     {"trial"},
-    {"robustness"},
-    {"tune"},
+    {"robustness", "tune.trainable", "tune.cluster"},
+    {"tune.scheduler", "tune.progress"},
+    {"tune.searcher"},
+    {"tune.run", "tune"},
     {"jobs", "export", "driver"},
     {"report", "poc"},
     {"cli"},
@@ -63,36 +65,85 @@ LAYERS = [
 ]
 
 
+def _name(path) -> str:
+    """A module's name in LAYERS: `data/` is one unit (its modules import each other freely); the modules of
+    `tune/` are layered one by one, as `tune.<module>` (its `__init__` is `tune`)."""
+    if path.parent.name == "data":
+        return "data"
+    if path.parent.name == "tune":
+        return "tune" if path.stem == "__init__" else f"tune.{path.stem}"
+    return path.stem
+
+
 def _imports(path) -> set[str]:
-    """The ssa_tune modules `path` imports anywhere in it (top level or inside functions)."""
+    """The ssa_tune modules `path` imports anywhere in it (top level or inside functions), named as in LAYERS."""
     import ast
 
-    inside_data = path.parent.name == "data"
+    package = path.parent.name if path.parent.name in ("data", "tune") else None
+
+    def named(dotted: str) -> set[str]:  # "tune.run" / "tune" / "study.x" -> its LAYERS name
+        parts = dotted.split(".")
+        if parts[0] == "tune" and len(parts) > 1:
+            return {f"tune.{parts[1]}"}
+        return {parts[0]}
+
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 0 and (node.module or "").startswith("ssa_tune."):
-                out.add(node.module.split(".")[1])
-            elif node.level >= 1 and not (inside_data and node.level == 1):
+            if node.level == 0 and node.module == "ssa_tune.tune":
+                out.update(f"tune.{a.name}" for a in node.names)
+            elif node.level == 0 and (node.module or "").startswith("ssa_tune."):
+                out |= named(node.module.split(".", 1)[1])
+            elif node.level == 1 and package == "data":
+                continue  # within data/
+            elif node.level == 1 and package == "tune":  # a sibling in tune/
                 if node.module:
-                    out.add(node.module.split(".")[0])
+                    out |= named(f"tune.{node.module}")
                 else:
-                    out.update("__init__" if a.name.startswith("__") else a.name for a in node.names)
+                    out.update(f"tune.{a.name}" for a in node.names)
+            elif node.level >= 1:  # from the package's top (level 1 outside a sub-package, level 2 inside)
+                if node.module == "tune":  # from .tune import cluster: that module of tune/
+                    out.update(f"tune.{a.name}" for a in node.names)
+                elif node.module:
+                    out |= named(node.module)
+                else:
+                    for a in node.names:
+                        out |= {"__init__"} if a.name.startswith("__") else named(a.name)
         elif isinstance(node, ast.Import):
-            out.update(a.name.split(".")[1] for a in node.names if a.name.startswith("ssa_tune."))
+            out.update(n for a in node.names if a.name.startswith("ssa_tune.") for n in named(a.name.split(".", 1)[1]))
     return out
 
 
 def test_every_import_points_down_the_layers():
     layer = {m: i for i, mods in enumerate(LAYERS) for m in mods}
     package = ROOT / "ssa_tune"
-    modules = {("data" if p.parent.name == "data" else p.stem): p for p in sorted(package.rglob("*.py"))}
+    modules = {_name(p): p for p in sorted(package.rglob("*.py"))}
     unknown = {m for m in modules if m not in layer}
     assert not unknown, f"modules not in any layer: {sorted(unknown)}"
     upward = []
     for p in sorted(package.rglob("*.py")):
-        me = "data" if p.parent.name == "data" else p.stem
+        me = _name(p)
         for dep in _imports(p) - {me}:
             if layer.get(dep, -1) >= layer[me]:
                 upward.append(f"{p.relative_to(ROOT)} imports {dep} (layer {layer.get(dep)} >= {layer[me]})")
     assert not upward, "\n".join(upward)
+
+
+def test_the_layout_check_sees_imports_inside_functions_and_sub_packages(tmp_path):
+    """The check itself: a function-level import upward, a relative import from tune/ to the package's top,
+    and one between tune/'s modules are each named as LAYERS names them."""
+    (tmp_path / "tune").mkdir()
+    mod = tmp_path / "tune" / "searcher.py"
+    mod.write_text("from .. import study as st\nfrom .trainable import KEY\n\n\ndef f():\n"
+                   "    from ..driver import x\n    from ssa_tune.tune.run import fit\n")
+    assert _imports(mod) == {"study", "tune.trainable", "driver", "tune.run"}
+    top = tmp_path / "spec.py"
+    top.write_text("from . import tune\n\n\ndef g():\n    from .tune import run\n    from .tune.cluster import init_ray\n")
+    assert _imports(top) == {"tune", "tune.run", "tune.cluster"}
+
+
+def test_a_worker_unpickling_the_trainable_loads_neither_optuna_nor_mlflow():
+    """What a Ray worker imports for its first trial (the trainable, by reference): no Optuna, MLflow or
+    SQLAlchemy, which only the driver needs."""
+    loaded = _modules_after("import ssa_tune.tune.trainable")
+    assert not loaded & {"optuna", "mlflow", "sqlalchemy"}

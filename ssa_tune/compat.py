@@ -1,0 +1,44 @@
+"""The private parts of Optuna and Ray that ssa-tune uses, all in this one module: each is used only where no
+public API does the job, and each was checked against the pinned versions (optuna 5.0.0, ray 2.60.0; see
+pyproject.toml). A new release of either is checked here first. Nothing is imported at module level: the
+callers hand in the objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+# ------------------------------------------------------------------------------------------------- Optuna
+# A study's storage and id: ssa-tune claims a queued trial for one arm, writes a finished trial's attributes
+# and its drivers' heartbeats through the storage (optuna.Study has no public way to do these); checked
+# against optuna 5.0.0 (optuna/study/study.py: Study._storage, Study._study_id).
+
+
+def storage_of(study) -> Any:
+    return study._storage
+
+
+def study_id_of(study) -> int:
+    return study._study_id
+
+
+def trial_id_of(trial) -> int:
+    """The storage's id of an optuna.trial.Trial or FrozenTrial (optuna 5.0.0: `_trial_id` on both)."""
+    return trial._trial_id
+
+
+def forget_cached_trials(study) -> None:
+    """After trials were created or changed through the storage: the study's per-thread cache of its trials
+    (which the samplers read inside Study.ask) must not hide them (optuna 5.0.0: Study._thread_local
+    .cached_all_trials, reset by Optuna itself after each tell)."""
+    study._thread_local.cached_all_trials = None
+
+
+# ---------------------------------------------------------------------------------------------------- Ray
+
+
+def dashboard_get(client, endpoint: str):
+    """GET `endpoint` from a Ray cluster's dashboard through a JobSubmissionClient, with the client's address,
+    headers, cookies and token (ray 2.60.0: JobSubmissionClient._do_request, from SubmissionClient). The node
+    summary (`/nodes?view=summary`, which names the Python the head runs its workers with) has no public API."""
+    return client._do_request("GET", endpoint)

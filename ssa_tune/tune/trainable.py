@@ -1,0 +1,52 @@
+"""What runs on a Ray worker: one trial of the study, reporting to the driver (and the keys it adds).
+
+This module imports neither Optuna, MLflow nor the driver's side of Ray Tune: a worker process that unpickles
+the trainable loads only what training needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from ..spec import validate
+from ..trial import KEY_NUMBER, execute, failure_reason
+
+# the result keys of a trial that are Ray Tune's own bookkeeping, not metrics of ours
+RAY_KEYS = {"done", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "date", "pid",
+            "hostname", "node_ip", "time_since_restore", "iterations_since_restore", "trial_id",
+            "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "timesteps_total", "episodes_total",
+            "timesteps_since_restore", "config", "ssa_tune.node_id", "ssa_tune.entered", "ssa_tune.wall",
+            "precision"}
+NODE_KEY = "ssa_tune.node_id"
+# wall-clock times (time.time()) the worker adds to each report: when the trainable was entered, and when the
+# report was made; benchmarks/tuning.py's hand-over profile reads them, nothing else does
+ENTERED_KEY, WALL_KEY = "ssa_tune.entered", "ssa_tune.wall"
+KEY_ROBUST, KEY_VARIANT = "ssa_tune.robust", "ssa_tune.variant"  # a robustness run (not an Optuna trial)
+
+
+def ours(key: str) -> bool:
+    """A metric the trial reported, not one Ray adds (its bookkeeping, the flattened `config/...`)."""
+    return key not in RAY_KEYS and not key.startswith("config/")
+
+
+def run_trial(config: dict, ctx: dict) -> None:
+    """A Ray Tune function trainable: one Optuna trial. It reports to the driver only."""
+    entered = time.time()
+    import ray
+    import ray.tune
+
+    number = config[KEY_NUMBER]
+    params = {k: v for k, v in config.items() if not k.startswith("ssa_tune.")}
+    node = ray.get_runtime_context().get_node_id()
+    try:
+        raw = ctx["variants"][config[KEY_VARIANT]] if KEY_VARIANT in config else json.loads(ctx["spec"])
+        spec = validate(raw, ctx["spec_path"], check_data=False, base_dir=os.environ.get("TUNE_ORIG_WORKING_DIR"))
+
+        def report(m: dict) -> None:
+            ray.tune.report({**m, NODE_KEY: node, ENTERED_KEY: entered, WALL_KEY: time.time()})
+
+        execute(spec, params, ctx["cpus"], ctx["gpus"], report=report)
+    except Exception as e:
+        # the reason travels in the error, which the driver reads back (see `searcher.error_reason`)
+        raise RuntimeError(f"trial {number} failed: {failure_reason(e)}") from None
