@@ -4,27 +4,28 @@ asserted in tests; the numbers are measured by running the scripts, see the READ
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from .conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
 
-def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def _run(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
 def test_gpu_check_says_so_in_one_line_without_a_gpu():
-    if torch.cuda.is_available():
-        pytest.fail("this test expects the CPU-only machine of CI; on a GPU machine run `make bench-gpu` instead")
-    proc = _run("benchmarks/gpu.py")
+    """Without a GPU the check is one line and exit 0: on CI's CPU machine as it is, and on a GPU machine with
+    its GPUs hidden (CUDA_VISIBLE_DEVICES empty), so the test holds on both (it failed on a GPU machine)."""
+    proc = _run("benchmarks/gpu.py", env={"CUDA_VISIBLE_DEVICES": ""})
     assert proc.stdout.strip().startswith("no GPU:") and len(proc.stdout.strip().splitlines()) == 1
 
 
