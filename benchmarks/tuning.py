@@ -233,6 +233,10 @@ def handover(bench: Bench, n_trials: int) -> dict:
             "driver_setup_s": round(min(t["suggested"] for t in trials if t["suggested"]) - began, 3),
             "first_start_s": round(min(t["t_start"] for t in trials) - min(
                 t["suggested"] for t in trials if t["suggested"]), 3) if trials else None,
+            # of which: until a worker process entered the trainable (its start, imports, Tune's actor set-up),
+            # and that first trial's own set-up (spec, dataset built, model, optimizer)
+            "first_enter_s": round(min(t["entered"] for t in trials) - min(
+                t["suggested"] for t in trials if t["suggested"]), 3) if trials else None,
             "after_last_trial_s": round(ended - max(t["train_end"] for t in trials), 3),
             "study_wall_s": wall, "ratio": wall * conc / trial_s if trial_s else None, "target_per_trial_s": 0.3}
 

@@ -490,3 +490,33 @@ def test_every_scheduler_runs_both_arms_to_their_budgets(tmp_path, kind):
             assert steps[-1] == 40
         else:
             assert t.state == optuna.trial.TrialState.PRUNED and steps[-1] < 40
+
+
+def test_the_searcher_answers_at_once_when_none_of_its_trials_runs(write_spec, tmp_path):
+    """While its trials run, the searcher waits quietly (no storage query on every ask); once none runs, Tune
+    blocks on it, asking once a second, so it must answer at once: right after the last trial ended it says the
+    search is over (it said "not yet" for another half second, which cost a study 1-2 s at each end)."""
+    from ssa_tune import study as st
+    from ssa_tune.spec import load_spec
+    from ssa_tune.track import Mirror, Tracker
+    from ssa_tune.tune.searcher import StudySearch
+    from ray.tune.search import Searcher
+
+    spec = load_spec(str(write_spec({"budget": {"n_trials": 1}, "baseline": False})), [])
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = st.create_or_load(spec, st.open_storage(url), "tiny")
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "tiny", tmp_path / "artifacts")
+    mirror = Mirror(tracker, tracker.parent_run("tiny", None, {}), "tiny")
+    done = []
+    search = StudySearch(spec=spec, study=study, storage_url=url, budgets=spec.arm_budgets(1), driver="me",
+                         mirror=mirror, trials={}, on_done=lambda *a: done.append(a), max_failures=4,
+                         make_plan=None, time_limit_s=None)
+    try:
+        config = search.suggest("a")
+        assert isinstance(config, dict)  # the one trial of the budget
+        assert search.suggest("b") is None  # the budget is out, but trial "a" still runs: wait for it
+        search.on_trial_complete("a", {"step": 40, "progress": 1.0, "val_loss": 1.0})
+        assert done and done[0][1] == "COMPLETE"
+        assert search.suggest("c") == Searcher.FINISHED  # at once, not after a quiet period
+    finally:
+        mirror.close(timeout=60)

@@ -95,8 +95,8 @@ class StudySearch(Searcher):
 
     def suggest(self, trial_id: str):
         now = time.monotonic()
-        if now < self._quiet_until:
-            return None
+        if now < self._quiet_until and self._busy():
+            return None  # a wait for our running trials: the storage is not asked again at once
         if self.plan is not None:
             return self._suggest_robust(trial_id)
         if now >= self._next_sweep:
@@ -124,6 +124,12 @@ class StudySearch(Searcher):
         self._mirror.create(key, key, trial_params(dataset, model, train, ssa),
                             {"ssa_tune.role": "trial", "ssa_tune.trial_number": ot.number, "ssa_tune.arm": arm})
         return {**params, KEY_NUMBER: ot.number, KEY_TRIAL_ID: trial_id_of(ot), KEY_ARM: arm}
+
+    def _busy(self) -> bool:
+        """A trial or robustness run of ours is still going. When none is, Tune blocks on this searcher, asking
+        once a second (ray 2.60: TuneController._update_trial_queue sleeps 1 s between asks): a quiet period
+        then only adds that second, at the end of the search and of every confirmation round."""
+        return bool(set(self._ot) - self._done) or bool(self._robust)
 
     def _search_over(self, trial_id: str):
         """No more search trials: wait for ours to finish, then hand over to the robustness plan."""
