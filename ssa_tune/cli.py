@@ -380,7 +380,7 @@ def poc(model: Annotated[Path, typer.Argument(help="Hugging Face checkpoint fold
         typer.echo(f"  {line}")
     if prep.more is not None:
         m = prep.more
-        typer.echo(f"  with --time {pc._clock(2 * budget)}: {m.steps} steps a run, {m.trials_per_arm} trial(s) per arm, "
+        typer.echo(f"  with --time {pc.clock(2 * budget)}: {m.steps} steps a run, {m.trials_per_arm} trial(s) per arm, "
                    f"up to {m.confirm_max} seed pairs")
     text = pc.spec_text(prep, budget)
     spec_file = prep.out_dir / f"{prep.name}.yaml"

@@ -1,7 +1,7 @@
-"""The private parts of Optuna and Ray that ssa-tune uses, all in this one module: each is used only where no
-public API does the job, and each was checked against the pinned versions (optuna 5.0.0, ray 2.60.0; see
-pyproject.toml). A new release of either is checked here first. Nothing is imported at module level: the
-callers hand in the objects."""
+"""The private parts of Optuna, Ray and torch that ssa-tune uses, all in this one module: each is used only
+where no public API does the job, and each was checked against the pinned versions (optuna 5.0.0, ray 2.60.0,
+torch 2.13.0; see pyproject.toml and the Makefile). A new release of any of them is checked here first.
+Nothing is imported at module level: the callers hand in the objects."""
 
 from __future__ import annotations
 
@@ -32,6 +32,16 @@ def forget_cached_trials(study) -> None:
     (which the samplers read inside Study.ask) must not hide them (optuna 5.0.0: Study._thread_local
     .cached_all_trials, reset by Optuna itself after each tell)."""
     study._thread_local.cached_all_trials = None
+
+
+# -------------------------------------------------------------------------------------------------- torch
+
+
+def tensor_version(t) -> int:
+    """The counter torch bumps on every in-place change of a tensor (torch 2.13: Tensor._version; autograd's
+    own check for tensors saved for backward). Caches keyed by it notice an optimiser step or a
+    load_state_dict without comparing values."""
+    return t._version
 
 
 # ---------------------------------------------------------------------------------------------------- Ray

@@ -52,6 +52,7 @@ import torch
 import torch.nn as nn
 
 from .attention import position_coefficient
+from .compat import tensor_version
 from .config import SSAConfig, load_config, save_config
 from .convert import Adapter, convert, is_temperature, register_adapter
 
@@ -135,7 +136,7 @@ class _LogPositions:
 
     def __call__(self, pos: torch.Tensor, T: int) -> torch.Tensor:
         entry = self._entry
-        version = None if pos.is_inference() else pos._version  # inference tensors keep no version
+        version = None if pos.is_inference() else tensor_version(pos)  # inference tensors keep no version
         if entry is not None and entry[0]() is pos and version is not None and entry[1] == version:
             return entry[2]
         # padding may carry any position id: clamping at 0 keeps its (unused) temperature finite
@@ -248,7 +249,7 @@ class HFTemperatures(nn.Module):
             return position_coefficient(self.beta, self.cfg.query_position).float()
         beta = self.beta
         kept = self._coefficient
-        key = (beta.data_ptr(), beta._version)  # moved, or updated in place (optimiser, load_state_dict)
+        key = (beta.data_ptr(), tensor_version(beta))  # moved, or updated in place (optimiser, load_state_dict)
         if kept is None or kept[0] is not beta or kept[1] != key:  # kept[0]: a replaced beta is another object
             kept = self._coefficient = (beta, key, position_coefficient(beta, self.cfg.query_position).float())
         return kept[2]

@@ -169,9 +169,9 @@ def plan(m: Measured, budget_s: float, steps: int | None = None, trials: int | N
     if chosen is None:
         smallest = _priced(m, budget_s, *grown[0])
         n = grown[0][1]
-        raise UserError(f"{_clock(budget_s)} is too short for even {'one trial' if n == 1 else f'{n} trials'} per "
+        raise UserError(f"{clock(budget_s)} is too short for even {'one trial' if n == 1 else f'{n} trials'} per "
                         f"arm and the confirmation: "
-                        f"that needs {_clock(smallest.total_s / (1 - RESERVE))} here (one run "
+                        f"that needs {clock(smallest.total_s / (1 - RESERVE))} here (one run "
                         f"{smallest.run_s:.0f} s, {m.slots} at a time)", field="--time")
     i, best = chosen
     s, t, c = grown[i]
@@ -189,7 +189,7 @@ def deadlines(p: Plan, started: float) -> tuple[float, float]:
     return end, end - p.parts["selection"] - p.parts["confirmation"] - p.run_s
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     mi, s = divmod(rest, 60)
@@ -207,14 +207,14 @@ def describe(p: Plan, m: Measured) -> list[str]:
     lines = [
         f"one run: {p.steps} steps, evaluated every {p.eval_every} = {p.run_s:.0f} s at most "
         f"({m.step_s:.2f} s a step, {m.eval_s:.1f} s an evaluation, {m.setup_s:.1f} s set-up; {m.slots} at a time)",
-        f"  probe          {_clock(p.parts['probe']):>8}   (done)",
-        f"  start          {_clock(p.parts['start']):>8}   Ray, workers, the dataset",
-        f"  search         {_clock(p.parts['search']):>8}   {runs['search']} trials, {p.trials_per_arm} per arm; {rungs}",
-        f"  selection      {_clock(p.parts['selection']):>8}   each arm's best on {p.select_seeds} fresh seeds",
-        f"  confirmation   {_clock(p.parts['confirmation']):>8}   SSA, baseline and SSA alone on {p.confirm_min} to "
+        f"  probe          {clock(p.parts['probe']):>8}   (done)",
+        f"  start          {clock(p.parts['start']):>8}   Ray, workers, the dataset",
+        f"  search         {clock(p.parts['search']):>8}   {runs['search']} trials, {p.trials_per_arm} per arm; {rungs}",
+        f"  selection      {clock(p.parts['selection']):>8}   each arm's best on {p.select_seeds} fresh seeds",
+        f"  confirmation   {clock(p.parts['confirmation']):>8}   SSA, baseline and SSA alone on {p.confirm_min} to "
         f"{p.confirm_max} new seed pairs, one pair a round, until decided",
-        f"  report         {_clock(p.parts['report']):>8}   report and both exports",
-        f"  total          {_clock(p.total_s):>8}   at most, of {_clock(p.budget_s)}",
+        f"  report         {clock(p.parts['report']):>8}   report and both exports",
+        f"  total          {clock(p.total_s):>8}   at most, of {clock(p.budget_s)}",
     ]
     why = [f"{dim} ({how})" for dim, how in p.limited_by.items() if how == "time"]
     if why:
@@ -561,9 +561,9 @@ def spec_text(prep: Prepared, budget_s: float) -> str:
     import yaml
 
     p = prep.plan
-    head = [f"# written by `ssa-tune poc` for --time {_clock(budget_s)}: {p.steps} steps a run, "
+    head = [f"# written by `ssa-tune poc` for --time {clock(budget_s)}: {p.steps} steps a run, "
             f"{p.trials_per_arm} trial(s) per arm, each arm's best on {p.select_seeds} seeds, then {p.confirm_min} to "
-            f"{p.confirm_max} seed pairs until decided; worst case {_clock(p.total_s)}.",
+            f"{p.confirm_max} seed pairs until decided; worst case {clock(p.total_s)}.",
             f"# Measured here: {prep.measured.step_s:.3f} s a step, {prep.measured.eval_s:.2f} s an evaluation, "
             f"{prep.measured.slots} trial(s) at a time. Re-run it as it is: ssa-tune run THIS_FILE"]
     return "\n".join(head) + "\n" + yaml.safe_dump(prep.raw, sort_keys=False, width=120)
@@ -630,7 +630,7 @@ def closing(rec: dict) -> list[str]:
     lines.append(f"  report: {rec['report']}")
     for arm, path in rec["exports"].items():
         lines.append(f"  export ({arm} arm): {path or 'none'}")
-    lines.append(f"  time: asked {_clock(t['asked_s'])}, took {_clock(t['total_s'])} (probe and plan "
-                 f"{_clock(t['probe_s'])}, study and report {_clock(t['study_s'])}, exports {_clock(t['exports_s'])})")
+    lines.append(f"  time: asked {clock(t['asked_s'])}, took {clock(t['total_s'])} (probe and plan "
+                 f"{clock(t['probe_s'])}, study and report {clock(t['study_s'])}, exports {clock(t['exports_s'])})")
     lines.append(f"  everything in {rec['workdir']} (poc.json; ssa-tune ui --workdir {rec['workdir']})")
     return lines
