@@ -185,7 +185,6 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
     study_name = target.study or spec.name
     # everything that can be wrong is checked before anything is written
     from .analyse import resamples
-    from .tune.run import fit
 
     resamples()  # the report's setting, read at the end: a bad value is one line now, not after the study
     st.check_storage(target.storage)
@@ -195,8 +194,9 @@ def run_study(spec: JobSpec, target: Target, *, resume: bool = False, n_trials: 
         os.chdir(target.workdir)
     prep = threading.Thread(target=_prepare_tracking, args=(target.tracking,), daemon=True)
     prep.start()  # MLflow's imports (and, once per machine, its empty schema) while Ray starts
-    cluster.init_ray(address)
+    cluster.init_ray(address)  # first: Ray reads RAY_AUTH_MODE (a cluster's token) once, when it is imported
     cluster.check_resources(spec)
+    from .tune.run import fit  # Ray Tune: imports Ray, so only after init_ray
     prep.join()
     target.workdir.mkdir(parents=True, exist_ok=True)
     storage = st.open_storage(target.storage)

@@ -477,14 +477,14 @@ def prepare(model_dir: Path, data: Path | None, budget_s: float, out_dir: Path |
     imports = _start_import_timer()  # a worker's imports, timed in a fresh process beside the probe
     ray_s, cluster = None, None
     if for_run:  # Ray starts now, timed (the study needs it): its cost is measured, not guessed
-        import ray
-
         from .tune.cluster import init_ray
 
         t = time.perf_counter()
-        init_ray(address)
+        init_ray(address)  # before `import ray`: a cluster's token is read when Ray is first imported
         ray_s = time.perf_counter() - t
         if address:
+            import ray
+
             cluster = ray.cluster_resources()
             mach = machine(cluster=cluster)
     say(f"poc: {info['architecture'] or info['model_type']}, {n_layer} layers, {info['n_head']} heads "
