@@ -520,3 +520,19 @@ def test_the_searcher_answers_at_once_when_none_of_its_trials_runs(write_spec, t
         assert search.suggest("c") == Searcher.FINISHED  # at once, not after a quiet period
     finally:
         mirror.close(timeout=60)
+
+
+def test_a_local_ray_starts_no_idle_workers_that_no_trial_could_take():
+    """Ray starts idle workers with a new instance, but a trial actor never takes one (Ray Tune gives each trial
+    actor a runtime env of its own): they only cost CPU at start. A local instance of ours starts none; the
+    trial workers start when the trials do (what every study here already shows)."""
+    code = ("import time, psutil\nfrom ssa_tune.tune.cluster import init_ray\ninit_ray(None)\n"
+            "time.sleep(3)  # Ray's idle workers, when it starts them, are up within a second\n"
+            "print(sorted(p.name() for p in psutil.Process().children(recursive=True)))")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_prestart_worker_first_driver"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = proc.stdout.strip().splitlines()[-1]
+    assert "ray::RuntimeEnvAgent" in names  # Ray did start (its agents are there)
+    assert "ray::IDLE" not in names, names
