@@ -128,8 +128,21 @@ def _ship(spec: JobSpec, staging: Path, shared: list[str], file: str) -> dict[st
 
 
 # A head node that has just started answers the job API before its job agent is up ("No available agent to
-# submit job, please try again later"): submit waits this long for it
+# submit job, please try again later"): submit waits this long for it ($SSA_TUNE_JOB_AGENT_WAIT_S)
 AGENT_WAIT_S = 60.0
+AGENT_WAIT_ENV = "SSA_TUNE_JOB_AGENT_WAIT_S"
+
+
+def agent_wait_s() -> float:
+    raw = os.environ.get(AGENT_WAIT_ENV, "").strip()
+    try:
+        wait = float(raw) if raw else AGENT_WAIT_S
+    except ValueError:
+        wait = -1.0
+    if not wait >= 0:
+        raise UserError(f"must be a number of seconds >= 0 (how long submit waits for a head's job agent), "
+                        f"got {raw!r}", field=AGENT_WAIT_ENV)
+    return wait
 
 
 def submit(spec: JobSpec, address: str, *, storage: str, tracking: str, study: str | None, trials: int | None,
@@ -139,6 +152,7 @@ def submit(spec: JobSpec, address: str, *, storage: str, tracking: str, study: s
     from .track import check_tracking
     from .tune.cluster import unfit_reason
 
+    wait = agent_wait_s()
     c = client(address)
     try:
         info = cluster_info(c)
@@ -169,7 +183,7 @@ def submit(spec: JobSpec, address: str, *, storage: str, tracking: str, study: s
         entrypoint = " ".join(shlex.quote(p) for p in parts)
         name = study or spec.name
         submission_id = f"ssa-tune-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(2).hex()}"
-        deadline = time.monotonic() + AGENT_WAIT_S
+        deadline = time.monotonic() + wait
         while True:
             try:
                 job_id = c.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(staging)},
@@ -177,8 +191,12 @@ def submit(spec: JobSpec, address: str, *, storage: str, tracking: str, study: s
                                       metadata={"ssa_tune.study": name, "ssa_tune.spec": Path(spec.path).name})
                 break
             except Exception as e:  # noqa: BLE001 - a head that just started has no job agent yet: wait for it
-                if "no available agent" not in str(e).lower() or time.monotonic() > deadline:
+                if "no available agent" not in str(e).lower():
                     raise
+                if time.monotonic() > deadline:
+                    raise UserError(f"the cluster has no job agent to take the job (waited {wait:g} s; the head's "
+                                    f"dashboard_agent.log says why: e.g. its agent port was taken)",
+                                    field="--address") from None
                 time.sleep(1.0)
     except UserError:
         raise

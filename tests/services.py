@@ -156,12 +156,13 @@ class RayCluster:
         out, err = proc.communicate(timeout=timeout)
         assert proc.returncode == 0, f"ray {' '.join(args)}: {out[-2000:]}\n{err[-3000:]}"
 
-    def start_head(self, cpus: int = 1) -> "RayCluster":
+    def start_head(self, cpus: int = 1, agent_port: int | None = None) -> "RayCluster":
         self._ray("get-auth-token", "--generate")
         # every node its own agent port: the default (52365) is taken by whichever Ray on this machine came
         # first, and a head whose agent cannot bind has no job agent ("No available agent to submit job")
         self._ray("start", "--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
-                  "--dashboard-port", str(self.dashboard_port), "--dashboard-agent-listen-port", str(free_port()),
+                  "--dashboard-port", str(self.dashboard_port),
+                  "--dashboard-agent-listen-port", str(agent_port or free_port()),
                   "--num-cpus", str(cpus), "--node-name", "head", "--temp-dir", self.temp_dir, node="head")
         return self
 

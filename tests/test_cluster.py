@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -196,6 +197,35 @@ def test_submit_refuses_what_the_cluster_cannot_do(cluster, mlflow_server, tmp_p
     # a job id that does not exist
     proc = _cli("jobs", "status", "no-such-job", "--address", cluster.dashboard, env=env, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: JOB: no job 'no-such-job'")
+
+
+def test_submit_waits_for_a_heads_job_agent_then_says_none_came(mlflow_server, tmp_path, write_spec):
+    """A head that has just started answers "No available agent" until its job agent is up: submit waits for
+    it ($SSA_TUNE_JOB_AGENT_WAIT_S, 60 s by default), and when none comes says so in one line, exit 2. Here the
+    agent never comes: its port is taken (the fault two Rays on one machine once had), so the head runs without
+    one. (Before, submit gave up at the first answer; then it waited, but said only "refused".)"""
+    held = socket.socket()
+    held.bind(("0.0.0.0", 0))
+    held.listen()
+    home = tmp_path / "home"
+    home.mkdir()
+    head = RayCluster(home)
+    try:
+        head.start_head(cpus=1, agent_port=held.getsockname()[1])
+        spec = write_spec()
+        common = ["--address", head.dashboard, "--storage", PG_URL, "--tracking-uri", mlflow_server.uri]
+        proc = _cli("submit", spec, *common, env={**clean_env(home), "SSA_TUNE_JOB_AGENT_WAIT_S": "not-a-number"},
+                    check=False)
+        assert proc.returncode == 2 and proc.stderr.strip() == (
+            "error: SSA_TUNE_JOB_AGENT_WAIT_S: must be a number of seconds >= 0 (how long submit waits for a "
+            "head's job agent), got 'not-a-number'")
+        proc = _cli("submit", spec, *common, env={**clean_env(home), "SSA_TUNE_JOB_AGENT_WAIT_S": "3"}, check=False)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.strip() == ("error: --address: the cluster has no job agent to take the job (waited 3 s; "
+                                       "the head's dashboard_agent.log says why: e.g. its agent port was taken)")
+    finally:
+        head.stop()
+        held.close()
 
 
 def test_a_worker_node_lost_mid_trial(cluster, tmp_path):
