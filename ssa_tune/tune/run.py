@@ -47,7 +47,8 @@ def fit(spec: JobSpec, study, storage_url: str, workdir, mirror, driver: str, bu
             if spec.robustness.get(name):
                 variants[name] = portable_raw(variant_spec(spec, spec.robustness[name]))
     variants["main"] = portable_raw(spec)
-    ctx = {"spec": json.dumps(portable_raw(spec), default=str), "spec_path": spec.path, "cpus": cpus, "gpus": gpus,
+    # every spec a worker may run, by variant (a search trial runs "main"), as plain JSON values
+    ctx = {"spec_path": spec.path, "cpus": cpus, "gpus": gpus,
            "variants": json.loads(json.dumps(variants, default=str))}
     request = spec.trial_resources()
     resources = {"cpu": cpus, "gpu": gpus}

@@ -5,7 +5,6 @@ the trainable loads only what training needs."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -40,7 +39,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     params = {k: v for k, v in config.items() if not k.startswith("ssa_tune.")}
     node = ray.get_runtime_context().get_node_id()
     try:
-        raw = ctx["variants"][config[KEY_VARIANT]] if KEY_VARIANT in config else json.loads(ctx["spec"])
+        raw = ctx["variants"][config.get(KEY_VARIANT, "main")]
         spec = validate(raw, ctx["spec_path"], check_data=False, base_dir=os.environ.get("TUNE_ORIG_WORKING_DIR"))
 
         def report(m: dict) -> None:
