@@ -90,25 +90,20 @@ def _imports(path) -> set[str]:
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 0 and node.module == "ssa_tune.tune":
-                out.update(f"tune.{a.name}" for a in node.names)
-            elif node.level == 0 and (node.module or "").startswith("ssa_tune."):
-                out |= named(node.module.split(".", 1)[1])
+            if node.level == 0:  # absolute: only ssa_tune's own modules count
+                if not (node.module or "").startswith("ssa_tune."):
+                    continue
+                base = node.module.split(".", 1)[1]
             elif node.level == 1 and package == "data":
                 continue  # within data/
-            elif node.level == 1 and package == "tune":  # a sibling in tune/
-                if node.module:
-                    out |= named(f"tune.{node.module}")
-                else:
-                    out.update(f"tune.{a.name}" for a in node.names)
-            elif node.level >= 1:  # from the package's top (level 1 outside a sub-package, level 2 inside)
-                if node.module == "tune":  # from .tune import cluster: that module of tune/
-                    out.update(f"tune.{a.name}" for a in node.names)
-                elif node.module:
-                    out |= named(node.module)
-                else:
-                    for a in node.names:
-                        out |= {"__init__"} if a.name.startswith("__") else named(a.name)
+            else:  # relative: level 1 inside a sub-package is that package, else the package's top
+                inside = [package] if package and node.level == 1 else []
+                base = ".".join(inside + ([node.module] if node.module else []))
+            if base in ("", "tune"):  # `from . import study`, `from .tune import cluster`: the names are modules
+                for a in node.names:
+                    out |= {"__init__"} if a.name.startswith("__") else named(f"{base}.{a.name}".lstrip("."))
+            else:
+                out |= named(base)
         elif isinstance(node, ast.Import):
             out.update(n for a in node.names if a.name.startswith("ssa_tune.") for n in named(a.name.split(".", 1)[1]))
     return out
