@@ -34,6 +34,14 @@ def forget_cached_trials(study) -> None:
     study._thread_local.cached_all_trials = None
 
 
+# The storage methods Optuna's trial cache calls on the RDBStorage behind it: a Study puts
+# optuna.storages._CachedStorage in front of every RDBStorage, and that cache reads and writes trials through
+# these private methods, not through the public interface (checked against optuna 5.0.0,
+# optuna/storages/_cached_storage.py: `self._backend.<name>`). A retrying storage must retry them too.
+CACHED_STORAGE_BACKEND_CALLS = ("_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials",
+                                "_get_stale_trial_ids")
+
+
 # -------------------------------------------------------------------------------------------------- torch
 
 

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import optuna
 from optuna.trial import TrialState
 
-from .compat import forget_cached_trials, storage_of, study_id_of, trial_id_of
+from .compat import CACHED_STORAGE_BACKEND_CALLS, forget_cached_trials, storage_of, study_id_of, trial_id_of
 from .errors import UserError
 from .redact import redact  # noqa: F401  (st.redact, used across the service)
 from .spec import ARMS, SSA_SWITCH, JobSpec
@@ -118,8 +118,10 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
 
 
 # the storage interface Optuna's Study and trials call (optuna.storages.BaseStorage, public), each method as
-# RDBStorage implements it; RDBStorage's own extras (schema upgrades, heartbeats) are left as they are
-for _name in [n for n, f in vars(optuna.storages.BaseStorage).items() if callable(f) and not n.startswith("_")]:
+# RDBStorage implements it, and the private ones Optuna's trial cache calls on it instead (a study's trials are
+# read through `_get_trials`); RDBStorage's own extras (schema upgrades, heartbeats) are left as they are
+for _name in [n for n, f in vars(optuna.storages.BaseStorage).items() if callable(f) and not n.startswith("_")] \
+        + list(CACHED_STORAGE_BACKEND_CALLS):
     _fn = getattr(optuna.storages.RDBStorage, _name)
     setattr(RetryingRDBStorage, _name, _retrying(_fn))
 

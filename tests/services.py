@@ -284,6 +284,10 @@ class PostgresServer:
         wait_for(lambda: subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port),
                                          "-q"]).returncode == 0, 60, "PostgreSQL to accept connections")
 
+    def halt(self) -> None:
+        """Stop the server (fast shutdown), keeping its data: `start()` brings it back."""
+        self._as_postgres(self.bin / "pg_ctl", "-D", self.data, "-w", "-m", "fast", "stop")
+
     def stop(self) -> None:
         import shutil
 

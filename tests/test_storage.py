@@ -135,3 +135,38 @@ def test_a_driver_is_alive_by_its_heartbeat_and_its_own_process():
     assert not st._alive({**me, "pid": child.pid, "started": None}, now)  # no such process
     other = {**me, "host": "another-host", "pid": 1, "started": "x"}
     assert st._alive(other, now) and not st._alive({**other, "beat": now - st.GRACE_S - 1}, now)
+
+
+def test_every_study_call_waits_out_a_postgresql_restart():
+    """A Study reads and writes trials through Optuna's trial cache, which calls private RDBStorage methods
+    (`_get_trials`, `_create_new_trial`, `_set_trial_param`, `_get_best_trial_id`): each must wait for a
+    restarting server like the public ones (a study once failed mid-run on `get_trials` while PostgreSQL
+    restarted). The server is this test's own; it is down when each call starts and back 1.5 s later."""
+    import threading
+
+    from .services import PostgresServer
+
+    server = PostgresServer().start()
+    try:
+        study = optuna.create_study(study_name="restart", storage=open_storage(server.url))
+        first = study.ask()
+        first.suggest_float("x", 0.0, 1.0)
+        study.tell(first, 0.5)
+
+        def while_down(call):
+            server.halt()
+            back = threading.Timer(1.5, server.start)
+            back.start()
+            try:
+                return call()
+            finally:
+                back.join()
+
+        assert [t.number for t in while_down(lambda: study.get_trials(deepcopy=False))] == [0]  # _get_trials
+        second = while_down(study.ask)  # _create_new_trial
+        assert second.number == 1
+        assert 0.0 <= while_down(lambda: second.suggest_float("x", 0.0, 1.0)) <= 1.0  # _set_trial_param
+        study.tell(second, 0.25)
+        assert while_down(lambda: study.best_trial).number == 1  # _get_best_trial_id
+    finally:
+        server.stop()
