@@ -152,7 +152,7 @@ def test_submit_ships_the_data_and_keeps_secrets_out_of_sight(cluster, mlflow_se
     spec = spec_dir / "text.yaml"
     raw = deep_update(TINY, {"name": name, "dataset": {"kind": "text", "path": str(corpus), "seq_len": 64},
                              "model": {"seq_len": 64}, "budget": {"n_trials": 2},
-                             "resources": {"custom": {"trainer": 1}}, "scheduler": {"kind": "none"}})
+                             "resources": {"custom": {"trainer": 1}, "max_concurrent": 2}, "scheduler": {"kind": "none"}})
     spec.write_text(yaml.safe_dump(raw))
     secret_url = PG_URL.replace("root@", "root:hunter2secret@")
     env = clean_env(cluster.home)
@@ -234,7 +234,7 @@ def test_a_worker_node_lost_mid_trial(cluster, tmp_path):
     name = f"lost-{uuid.uuid4().hex[:6]}"
     raw = deep_update(TINY, {"name": name, "train": {"max_steps": 400, "eval_every": 20},
                              "budget": {"n_trials": 4}, "scheduler": {"kind": "none"},
-                             "resources": {"custom": {"trainer": 1}}})
+                             "resources": {"custom": {"trainer": 1}, "max_concurrent": 2}})
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(raw))
     env = clean_env(cluster.home)

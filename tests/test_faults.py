@@ -88,7 +88,7 @@ def test_mlflow_server_stopped_mid_study_and_started_again(tmp_path):
     server = MlflowServer(tmp_path / "mlflow").start()
     name = "mlflow-outage"
     spec = _spec(tmp_path, name, train={"max_steps": 600, "eval_every": 60}, budget={"n_trials": 4},
-                 scheduler={"kind": "none"})
+                 scheduler={"kind": "none"}, resources={"max_concurrent": 2})
     wd = tmp_path / "wd"
     driver = _start(["run", spec, "--workdir", wd, "--tracking-uri", server.uri, "--json"], tmp_path)
     try:
@@ -170,7 +170,7 @@ def test_postgresql_restarted_mid_study(tmp_path):
     try:
         name = "pg-restart"
         spec = _spec(tmp_path, name, train={"max_steps": 160, "eval_every": 20}, budget={"n_trials": 4},
-                     scheduler={"kind": "none"})
+                     scheduler={"kind": "none"}, resources={"max_concurrent": 2})
         driver = _start(["run", spec, "--workdir", tmp_path / "wd", "--storage", server.url, "--json"], tmp_path)
         try:
             _wait_done_trials(server.url, name, 1, driver)
@@ -313,7 +313,8 @@ def test_ctrl_c_stops_like_sigterm_and_resume_finishes(tmp_path, phase):
 
     name = f"ctrl-c-{phase}"
     spec = _spec(tmp_path, name, train={"max_steps": 120, "eval_every": 20}, budget={"n_trials": 2},
-                 scheduler={"kind": "none"}, robustness={"top_k": 1, "seeds": 2, "confirm_seeds": 2})
+                 scheduler={"kind": "none"}, robustness={"top_k": 1, "seeds": 2, "confirm_seeds": 2},
+                 resources={"max_concurrent": 2})  # both trials running when the signal comes
     wd = tmp_path / "wd"
     storage = f"sqlite:///{wd / 'optuna.db'}"
     # SIGINT as a terminal delivers it: a suite started in the background (`make test &`) has SIGINT ignored,

@@ -33,7 +33,7 @@ def _runs(workdir, name="tiny"):
 
 
 def test_quickstart_study_end_to_end(write_spec, tmp_path):
-    spec = write_spec()
+    spec = write_spec({"resources": {"max_concurrent": 2}})  # two trials at a time, as a user's study runs
     wd = tmp_path / "wd"
     proc = run_here("run", spec, "--workdir", wd, "--json")
     summary = json.loads(proc.stdout)
@@ -150,7 +150,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
 
 def test_sigkill_then_resume_finishes_the_budget(write_spec, tmp_path):
     spec = write_spec({"train": {"max_steps": 200, "eval_every": 20}, "budget": {"n_trials": 5},
-                       "scheduler": {"kind": "none"}})
+                       "scheduler": {"kind": "none"}, "resources": {"max_concurrent": 2}})  # killed with two trials running
     wd = tmp_path / "wd"
     proc = subprocess.Popen([*SSA_TUNE, "run", str(spec), "--workdir", str(wd)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -206,7 +206,7 @@ def test_sigkill_then_resume_finishes_the_budget(write_spec, tmp_path):
 
 
 def test_robustness_stage_report_and_robust_export(write_spec, tmp_path):
-    spec = write_spec({"budget": {"n_trials": 4}, "scheduler": {"kind": "none"},
+    spec = write_spec({"budget": {"n_trials": 4}, "scheduler": {"kind": "none"}, "resources": {"max_concurrent": 2},
                        "robustness": {"top_k": 2, "seeds": 2, "penalty": 1.0, "constraint": True, "confirm_seeds": 2,
                                       "long_context": {"kind": "passkey", "seq_len": 64}}})
     wd = tmp_path / "wd"
@@ -475,7 +475,8 @@ def test_every_scheduler_runs_both_arms_to_their_budgets(tmp_path, kind):
     COMPLETE at its own end or PRUNED where its arm's scheduler stopped it."""
     changes = {"budget": {"n_trials": 6}, "sampler": {"kind": "random", "seed": 2},
                "train": {"max_steps": 40, "eval_every": 10},
-               "scheduler": {"kind": kind, "grace_steps": 10, "reduction_factor": 2}}
+               "scheduler": {"kind": kind, "grace_steps": 10, "reduction_factor": 2},
+               "resources": {"max_concurrent": 2}}  # the arms' trials side by side
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(deep_update(TINY, changes)))
     wd = tmp_path / "wd"

@@ -91,7 +91,7 @@ def test_sqlite_storage_is_in_wal_mode(tmp_path):
 @pytest.mark.slow
 def test_study_on_postgresql(write_spec, tmp_path):
     name = f"pg-{uuid.uuid4().hex[:8]}"
-    spec = write_spec({"budget": {"n_trials": 2}, "train": {"max_steps": 20, "eval_every": 10}})
+    spec = write_spec({"budget": {"n_trials": 2}, "train": {"max_steps": 20, "eval_every": 10}, "resources": {"max_concurrent": 2}})
     storage = open_storage(PG_URL)
     try:
         summary = json.loads(run_here("run", spec, "--workdir", tmp_path / "wd", "--storage", PG_URL,
