@@ -62,7 +62,7 @@ T_RETRY_OF = "ssa_tune.retry_of"
 T_PRUNED_AT = "ssa_tune.pruned_at_step"
 T_FINAL = "ssa_tune.final_metrics"  # {metric: its last value} of a finished trial
 T_PRECISION = "ssa_tune.precision"  # the trial's training precision (fp32, bf16 or fp16), as its worker chose
-T_NODE = "ssa_tune.node"  # {"node_id", "ip", "hostname"} of the Ray node the trial ran on
+T_NODE = "ssa_tune.node"  # {"node_id", "ip", "hostname", "pid"}: the Ray node and worker process of the trial
 
 HEARTBEAT_S = 10.0  # a driver records that it is alive this often
 GRACE_S = 60.0  # a driver on another host silent this long is gone

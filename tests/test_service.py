@@ -119,7 +119,7 @@ def test_quickstart_study_end_to_end(write_spec, tmp_path):
 def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
     # lr 1e12 diverges; mlp_ratio 10**9 asks the allocator for terabytes
     raw = deep_update(TINY, {"sampler": {"kind": "random", "seed": 3}, "budget": {"n_trials": 3},
-                             "baseline": False, "scheduler": {"kind": "none"}})
+                             "baseline": False, "scheduler": {"kind": "none"}, "resources": {"max_concurrent": 1}})
     raw["search"] = {"train.lr": {"type": "categorical", "choices": [0.003, 1.0e+12]},
                      "model.mlp_ratio": {"type": "categorical", "choices": [4, 1000000000]}}
     spec = tmp_path / "spec.yaml"
@@ -140,6 +140,10 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(tmp_path):
             assert t.user_attrs["ssa_tune.fail_reason"].startswith("diverged")
     # the study went on: healthy trials completed after failures
     assert summary["trials"]["complete"] >= 1
+    # ...in the same worker process: a trial that fails as trials do hands its worker to the next trial (a
+    # new process costs seconds of imports); one trial at a time here, so one process ran them all
+    assert {t.user_attrs["ssa_tune.node"]["pid"] for t in study.trials} == {study.trials[0].user_attrs["ssa_tune.node"]["pid"]}
+    assert study.trials[0].user_attrs["ssa_tune.node"]["pid"] > 0
     client, runs = _runs(wd)
     by_number = {int(r.data.tags["ssa_tune.trial_number"]): r for r in runs if r.data.tags.get("ssa_tune.role") == "trial"}
     for t in failed:

@@ -14,7 +14,7 @@ from .. import study as st
 from ..spec import JobSpec
 from ..trial import KEY_ARM, KEY_NUMBER
 from .cluster import fmt_request
-from .trainable import KEY_ROBUST
+from .trainable import KEY_ROBUST, failed
 
 
 def fmt(v) -> str:
@@ -47,6 +47,8 @@ class Progress(Callback):
                      "started")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if failed(result):  # its FAIL line comes from the searcher
+            return
         n = trial.config.get(KEY_NUMBER, "?")
         v = result.get(self.objective.metric)
         self.running[trial.trial_id] = f"#{n} step {result.get('step')}: {self.objective.metric}={fmt(v)}"

@@ -10,7 +10,7 @@ from ray.tune.schedulers import (ASHAScheduler, AsyncHyperBandScheduler, FIFOSch
 
 from ..spec import JobSpec
 from ..trial import KEY_ARM
-from .trainable import KEY_ROBUST
+from .trainable import KEY_ROBUST, failed
 
 
 def arm_scheduler(spec: JobSpec, max_t: float, time_attr: str, grace: float) -> TrialScheduler:
@@ -68,10 +68,15 @@ class ArmScheduler(TrialScheduler):
         self._of(trial).on_trial_error(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
+        if failed(result):  # a failure report: no evaluation, and the trial ends with it
+            return TrialScheduler.CONTINUE
         return self._of(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result):
-        self._of(trial).on_trial_complete(tune_controller, trial, result)
+        if failed(result):  # to the arm's scheduler as what it is, a failed trial
+            self._of(trial).on_trial_error(tune_controller, trial)
+        else:
+            self._of(trial).on_trial_complete(tune_controller, trial, result)
 
     def on_trial_remove(self, tune_controller, trial):
         self._of(trial).on_trial_remove(tune_controller, trial)

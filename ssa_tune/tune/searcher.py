@@ -16,7 +16,7 @@ from .. import study as st
 from ..compat import storage_of, trial_id_of
 from ..spec import JobSpec
 from ..trial import KEY_ARM, KEY_NUMBER, KEY_TRIAL_ID, trial_params
-from .trainable import KEY_ROBUST, KEY_VARIANT, NODE_KEY, ours
+from .trainable import KEY_ROBUST, KEY_VARIANT, NODE_KEY, failed, ours
 
 
 def error_reason(trial) -> tuple[str, bool]:
@@ -160,12 +160,14 @@ class StudySearch(Searcher):
         return {**job["params"], KEY_NUMBER: job["key"], KEY_ARM: job["arm"], KEY_ROBUST: job["key"],
                 KEY_VARIANT: job["variant"]}
 
-    def _robust_done(self, trial_id: str, result: dict | None, error: bool) -> None:
+    def _robust_done(self, trial_id: str, result: dict | None, error: bool, reason: str | None = None) -> None:
         job = self._robust.pop(trial_id)
         history = self._history.pop(trial_id, [])
         self._done.add(trial_id)
         last = self._last.pop(trial_id, None) or result or {}
-        if error:
+        if reason:
+            res = {"ok": False, "reason": reason}
+        elif error:
             res = {"ok": False, "reason": error_reason(self._tune_trials.get(trial_id))[0]}
         elif float(last.get("progress", 0.0)) < 1.0:
             res = {"ok": False, "reason": "never finished (stopped before its end)"}
@@ -200,7 +202,21 @@ class StudySearch(Searcher):
     def on_trial_result(self, trial_id: str, result: dict):
         self._result(trial_id, result)
 
+    def _where(self, ot, trial_id: str, result: dict) -> None:
+        """Record where the trial runs (its node and worker process), from its first report."""
+        node = {"node_id": result.get(NODE_KEY), "ip": result.get("node_ip"), "hostname": result.get("hostname"),
+                "pid": result.get("pid")}
+        ot.set_user_attr(st.T_NODE, node)
+        ot.set_user_attr(st.T_PRECISION, result.get("precision"))
+        self._mirror.tags(self._keys[trial_id], {"ssa_tune.node_id": node["node_id"], "ssa_tune.node_ip": node["ip"],
+                                                 "ssa_tune.precision": result.get("precision")})
+
     def _result(self, trial_id: str, result: dict) -> None:
+        if failed(result):  # the trial's failure report (its reason is read at its completion), no evaluation
+            ot = self._ot.get(trial_id)
+            if ot is not None and trial_id not in self._done and not self._reported.get(trial_id):
+                self._where(ot, trial_id, result)
+            return
         if trial_id in self._robust:
             self._last[trial_id] = result
             value, tokens = result.get(self.plan.objective.metric), result.get("tokens")
@@ -224,13 +240,7 @@ class StudySearch(Searcher):
         seen.add(int(step))
         self._last[trial_id] = result
         if not seen - {int(step)}:  # the first result: where the trial runs
-            node = {"node_id": result.get(NODE_KEY), "ip": result.get("node_ip"),
-                    "hostname": result.get("hostname")}
-            ot.set_user_attr(st.T_NODE, node)
-            ot.set_user_attr(st.T_PRECISION, result.get("precision"))
-            self._mirror.tags(self._keys[trial_id], {"ssa_tune.node_id": node["node_id"],
-                                                     "ssa_tune.node_ip": node["ip"],
-                                                     "ssa_tune.precision": result.get("precision")})
+            self._where(ot, trial_id, result)
         self._mirror.metrics(self._keys[trial_id], {k: v for k, v in result.items() if ours(k)},
                              int(step))
         if len(self.objectives) == 1:
@@ -239,10 +249,13 @@ class StudySearch(Searcher):
                 ot.report(float(v), int(step))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        reason = failed(result)  # a trial that failed as trials do, its worker kept for the next one
+        if reason:
+            result = None  # its last evaluation (if any) stays its last result
         if trial_id in self._robust:
             if result and self._last.get(trial_id) is not result:
                 self._result(trial_id, result)
-            self._robust_done(trial_id, result, error)
+            self._robust_done(trial_id, result, error, reason)
             return
         ot = self._ot.get(trial_id)
         if ot is None or trial_id in self._done:
@@ -254,7 +267,9 @@ class StudySearch(Searcher):
         metrics = [o.metric for o in self.objectives]
         values = [result.get(m) for m in metrics] if result else None
         lost = False
-        if error:
+        if reason:
+            state = "FAIL"
+        elif error:
             reason, lost = error_reason(self._tune_trials.get(trial_id))
             state = "FAIL"
         elif not result:
