@@ -28,9 +28,11 @@ demo: $(STAMP)
 	$(BIN)/ssa-tune export quickstart -o .ssa_tune/best.yaml
 	@echo "--- .ssa_tune/best.yaml"; cat .ssa_tune/best.yaml
 
-# the suite in parallel (pytest-xdist): most of its time is waiting on services, Ray and subprocesses, so more
-# workers than cores; the 15 slowest tests are printed at the end
-TEST_WORKERS ?= 4
+# the suite in parallel (pytest-xdist), one worker per core (at most 8); the 15 slowest tests are printed at the
+# end. Not more workers than cores: on the 2-core machine 4 workers took 11-15 min and ~1,700 CPU-s (every Ray
+# process lives and polls longer under contention, and Ray nodes then miss their start-up time-outs), 3 workers
+# 10.0 min and 1,164 CPU-s, 2 workers 9.2 min and 1,007 CPU-s (README, "The test suite")
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 8 ? n : 8 )))
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 

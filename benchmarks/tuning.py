@@ -51,8 +51,10 @@ sys.path.insert(0, str(ROOT))
 
 SPEC = ROOT / "benchmarks" / "tuning_task.yaml"
 QUICKSTART = ROOT / "search_spaces" / "quickstart.yaml"
-FULL = {"overhead_trials": 12, "seeds": [0, 1, 2, 3, 4], "trials": 24, "quickstart": []}
-QUICK = {"overhead_trials": 4, "seeds": [0], "trials": 6,
+FULL = {"overhead_trials": 12, "seeds": [0, 1, 2, 3, 4], "trials": 24, "quickstart": [], "efficiency": []}
+# --quick: the efficiency studies one trial at a time (steps, not slots, are what that part counts; each slot is
+# a Ray worker process, ~5 CPU-s to start)
+QUICK = {"overhead_trials": 4, "seeds": [0], "trials": 6, "efficiency": ["resources.max_concurrent=1"],
          "quickstart": ["--trials", "4", "--set", "train.max_steps=60", "--set", "train.eval_every=20",
                         "--set", "scheduler.grace_steps=20", "--set", "robustness.seeds=2",
                         "--set", "robustness.top_k=1"]}
@@ -283,14 +285,14 @@ def _diff(marks, a, b):
     return marks[a] - marks[b] if a in marks and b in marks else None
 
 
-def efficiency(bench: Bench, seeds: list[int], n_trials: int) -> dict:
+def efficiency(bench: Bench, seeds: list[int], n_trials: int, extra: list[str] = ()) -> dict:
     strategies = {"tpe_asha": [], "tpe": ["scheduler.kind=none"], "random": ["sampler.kind=random", "scheduler.kind=none"]}
     per_seed = {}
     for seed in seeds:
         row = {}
         for name, over in strategies.items():
             sid = f"eff-{name}-s{seed}"
-            _, study, _, wall = bench.study(sid, [*over, f"sampler.seed={seed}", f"budget.n_trials={n_trials}"])
+            _, study, _, wall = bench.study(sid, [*over, *extra, f"sampler.seed={seed}", f"budget.n_trials={n_trials}"])
             curve = anytime(study)
             row[name] = {"curve": curve, "final_best": curve[-1][1] if curve else None,
                          "total_steps": curve[-1][0] if curve else 0, "wall_s": wall}
@@ -368,7 +370,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["handover"] = handover(bench, cfg["overhead_trials"])
         if "efficiency" in args.parts:
             log("efficiency ...")
-            result["efficiency"] = efficiency(bench, args.seeds or cfg["seeds"], args.trials or cfg["trials"])
+            result["efficiency"] = efficiency(bench, args.seeds or cfg["seeds"], args.trials or cfg["trials"],
+                                              cfg["efficiency"])
             if args.png:
                 plot(result["efficiency"], args.png)
                 result["png"] = str(args.png)
