@@ -352,7 +352,7 @@ def test_ctrl_c_stops_like_sigterm_and_resume_finishes(tmp_path, phase):
         assert stopped and all("interrupted" in t.user_attrs["ssa_tune.fail_reason"] for t in stopped)
         assert all(len([r for r in study.trials if r.user_attrs.get("ssa_tune.retry_of") == t.number]) == 1
                    for t in stopped)
-    summary = json.loads(run_cli("resume", name, "--workdir", wd, "--json").stdout)
+    summary = json.loads(run_here("resume", name, "--workdir", wd, "--json").stdout)
     assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 2 and summary["trials"]["running"] == 0
     assert summary["decision"] in ("helps", "hurts", "equivalent", "undecided")
     rep = json.loads((wd / "reports" / name / "report.json").read_text())
