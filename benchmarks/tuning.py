@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,7 +286,7 @@ def _diff(marks, a, b):
     return marks[a] - marks[b] if a in marks and b in marks else None
 
 
-def efficiency(bench: Bench, seeds: list[int], n_trials: int, extra: list[str] = ()) -> dict:
+def efficiency(bench: Bench, seeds: list[int], n_trials: int, extra: Sequence[str] = ()) -> dict:
     strategies = {"tpe_asha": [], "tpe": ["scheduler.kind=none"], "random": ["sampler.kind=random", "scheduler.kind=none"]}
     per_seed = {}
     for seed in seeds:
